@@ -1,0 +1,1 @@
+"""Built-in reward functions; a user reward file looks exactly like these."""

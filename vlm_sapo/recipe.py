@@ -1,0 +1,410 @@
+"""Typed, validated YAML recipes.
+
+A recipe is the whole run in one file. Every section forbids unknown keys, so a typo fails loudly with its dotted path
+and the closest valid key instead of silently training with a default. YAML is read with ``yaml.safe_load`` only
+(``!!python/object`` tags are refused). A recipe may extend another (``base: other.yaml``; mappings merge, lists and
+scalars replace), and ``a.b.c=value`` overrides from the command line are typed by the schema.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import re
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; ``problems`` holds one line per error, each naming its dotted key."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source, self.problems = source, problems
+        super().__init__(f"{source}: {len(problems)} problem(s) in the recipe:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# ----------------------------------------------------------------------------------------------------------- sections
+class LoraCfg(Strict):
+    rank: PositiveInt = 16
+    alpha: PositiveFloat = 32.0
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ModelCfg(Strict):
+    path: str = Field(description="local folder (or a hub id where the hub is reachable)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    freeze_vision_tower: bool = False
+    lora: LoraCfg | None = None
+    min_pixels: PositiveInt = 3136  # 4 * 28 * 28
+    max_pixels: PositiveInt = 1_003_520  # 1280 * 28 * 28
+
+    @model_validator(mode="after")
+    def _pixels(self) -> ModelCfg:
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) must not exceed max_pixels ({self.max_pixels})")
+        return self
+
+
+class DataSourceCfg(Strict):
+    path: str = Field(description="JSON lines, Parquet, a datasets folder, or a benchmark name")
+    task: str = Field(description="task name (math, grounding, chart, or a registered one)")
+    weight: PositiveFloat = 1.0  # share of this source in each batch when tasks are mixed
+    split: str | None = None
+    columns: dict[str, str] = {}  # project field -> column in the source
+    image_root: str | None = None
+    limit: PositiveInt | None = None
+
+
+class DataCfg(Strict):
+    train: list[DataSourceCfg] = Field(min_length=1)
+    val: list[DataSourceCfg] = []
+    prompts_per_step: PositiveInt = 8
+    max_prompt_tokens: PositiveInt = 2048
+    on_bad_row: Literal["fail", "skip"] = "fail"
+    on_long_prompt: Literal["drop", "fail"] = "drop"
+    max_image_pixels: PositiveInt = 64_000_000  # decompression-bomb guard, checked on the header before decoding
+    max_aspect_ratio: PositiveFloat = 200.0
+    shuffle: bool = True
+    system_prompt: str | None = None
+    coord_system: Literal["auto", "abs_resized", "rel1000", "abs_original"] = "auto"  # auto: from the model family
+
+
+class RolloutCfg(Strict):
+    backend: Literal["hf", "vllm"] = "hf"
+    n: PositiveInt = Field(8, description="completions per prompt (G)")
+    temperature: PositiveFloat = 1.0
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(-1, ge=-1)  # -1: off
+    max_new_tokens: PositiveInt = 512
+    stop: list[str] = []
+    gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)
+    cpu_kvcache_gib: PositiveInt = 1
+    max_model_len: PositiveInt | None = None
+    enforce_eager: bool = False
+    sleep_between_steps: bool = True
+    on_engine_death: Literal["fail", "restart"] = "fail"
+
+
+class LossCfg(Strict):
+    """Loss name plus its hyper-parameters; unset ones take the loss function's own defaults."""
+
+    name: str = "sapo"
+    tau_pos: PositiveFloat | None = None
+    tau_neg: PositiveFloat | None = None
+    clip_low: NonNegativeFloat | None = None
+    clip_high: NonNegativeFloat | None = None
+    max_log_ratio: PositiveFloat | None = None
+    max_length: PositiveInt | None = None
+
+    def hparams(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump(exclude={"name"}).items() if v is not None}
+
+    @model_validator(mode="after")
+    def _known(self) -> LossCfg:
+        from vlm_sapo.algos import get_policy_loss, list_policy_losses
+
+        _check_registered(self.name, list_policy_losses(), "loss")
+        _check_hparams(get_policy_loss(self.name), self.hparams(), f"loss `{self.name}`")
+        return self
+
+
+class AdvantageCfg(Strict):
+    name: str = "grpo"
+    epsilon: PositiveFloat | None = None
+    scale_std: bool | None = None
+
+    def hparams(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump(exclude={"name"}).items() if v is not None}
+
+    @model_validator(mode="after")
+    def _known(self) -> AdvantageCfg:
+        from vlm_sapo.algos import get_advantage_estimator, list_advantage_estimators
+
+        _check_registered(self.name, list_advantage_estimators(), "advantage estimator")
+        _check_hparams(get_advantage_estimator(self.name), self.hparams(), f"advantage estimator `{self.name}`")
+        return self
+
+
+class AlgorithmCfg(Strict):
+    loss: LossCfg = Field(default_factory=LossCfg)
+    advantage: AdvantageCfg = Field(default_factory=AdvantageCfg)
+    mini_batches: PositiveInt = Field(1, description="updates per rollout batch (the paper's off-policy setting: 4)")
+    zero_variance_groups: Literal["keep", "drop", "resample"] = "drop"  # DAPO's dynamic sampling
+    max_resample_rounds: NonNegativeInt = 2
+    kl_coef: NonNegativeFloat = 0.0  # off by default, as in the SAPO paper
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    tis_cap: PositiveFloat | None = None  # truncated importance sampling for train/rollout mismatch; None: off
+
+
+class LearnerCfg(Strict):
+    steps: PositiveInt = 100
+    lr: PositiveFloat = 1e-6
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: NonNegativeInt = 0
+    weight_decay: NonNegativeFloat = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: PositiveFloat | None = 1.0
+    micro_batch_tokens: PositiveInt = 8192
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    deepspeed_config: str | None = None  # a DeepSpeed JSON merged over the generated config
+    max_nonfinite_in_a_row: PositiveInt = 3
+    logprob_chunk_size: PositiveInt = 1024
+
+
+class RewardFnCfg(Strict):
+    name: str = Field(description="registry name, path/to/file.py:function, or an entry point in vlm_sapo.rewards")
+    weight: float = 1.0
+    tasks: list[str] | None = None  # only samples of these tasks; None: every task
+    kwargs: dict[str, Any] = {}
+
+
+class RewardsCfg(Strict):
+    functions: list[RewardFnCfg] = []  # empty: each sample gets its task's own reward
+    workers: PositiveInt = 2
+    timeout_s: PositiveFloat = 10.0
+
+
+class EvalCfg(Strict):
+    benchmarks: list[str] = []
+    every_steps: NonNegativeInt = 0  # 0: only at the end (if at_end)
+    at_end: bool = True
+    limit: PositiveInt | None = None
+    n: PositiveInt = 1
+    temperature: NonNegativeFloat = 0.0
+    max_new_tokens: PositiveInt | None = None  # None: rollout.max_new_tokens
+
+
+class LoggingCfg(Strict):
+    dir: str = "runs/{name}"
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "vlm_sapo"
+    progress: bool = True
+
+
+class CheckpointCfg(Strict):
+    every_steps: NonNegativeInt = 50  # 0: never
+    keep_last: PositiveInt = 2
+    resume: str = "auto"  # auto | never | a checkpoint folder
+    export_hf: bool = True
+
+
+class Recipe(Strict):
+    name: str
+    seed: int = 0
+    model: ModelCfg
+    data: DataCfg
+    rollout: RolloutCfg = Field(default_factory=RolloutCfg)
+    algorithm: AlgorithmCfg = Field(default_factory=AlgorithmCfg)
+    learner: LearnerCfg = Field(default_factory=LearnerCfg)
+    rewards: RewardsCfg = Field(default_factory=RewardsCfg)
+    eval: EvalCfg = Field(default_factory=EvalCfg)
+    logging: LoggingCfg = Field(default_factory=LoggingCfg)
+    checkpoint: CheckpointCfg = Field(default_factory=CheckpointCfg)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v or "/" in v or v.startswith("."):
+            raise ValueError("name must be a non-empty plain word (it names the run folder)")
+        return v
+
+
+# ------------------------------------------------------------------------------------------------- name validation
+def _check_registered(name: str, valid: list[str], what: str) -> None:
+    if name not in valid:
+        close = difflib.get_close_matches(name, valid, n=1)
+        hint = f"; did you mean `{close[0]}`?" if close else ""
+        raise ValueError(f"unknown {what} `{name}` (valid: {', '.join(sorted(valid))}){hint}")
+
+
+def _check_hparams(fn: Any, hparams: dict[str, Any], what: str) -> None:
+    accepted = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    for key in hparams:
+        if key not in accepted:
+            raise ValueError(f"`{key}` is not a hyper-parameter of {what} (it takes: {', '.join(accepted) or 'none'})")
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise RecipeError(str(path), [f"cannot read the recipe: {e.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RecipeError(str(path), [f"not valid (safe) YAML: {e}"]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(str(path), [f"the top level must be a mapping, got {type(data).__name__}"])
+    return data
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The recipe's mapping with its ``base`` chain merged in (the base's own ``base`` first)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise RecipeError(str(path), ["`base` chain has a cycle: " + " -> ".join(str(p) for p in (*_seen, path))])
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise RecipeError(str(path), [f"`base` must be a path to another recipe, got {base!r}"])
+    return _merge(load_raw(path.parent / base, (*_seen, path)), data)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides; values are parsed as YAML scalars/lists, then typed by the schema."""
+    out = _merge({}, data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError("command line", [f"override `{item}` must look like a.b.c=value"])
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        parts = key.strip().replace("[", ".").replace("]", "").split(".")
+        node: Any = out
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise RecipeError("command line", [f"override `{key}`: `{part}` is not an index of that list"])
+                idx = int(part)
+                if last:
+                    node[idx] = value
+                else:
+                    node = node[idx]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    if not isinstance(node.get(part), (dict, list)):
+                        node[part] = {}
+                    node = node[part]
+            else:
+                raise RecipeError("command line", [f"override `{key}`: `{'.'.join(parts[:i])}` is not a mapping"])
+    return out
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load, merge ``base``, apply overrides and validate. Raises ``RecipeError`` listing every problem."""
+    data = apply_overrides(load_raw(path), overrides or [])
+    return validate_recipe(data, source=str(path))
+
+
+def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(source, [_describe(err) for err in e.errors()]) from None
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, default_flow_style=None, width=120)
+
+
+# ------------------------------------------------------------------------------------------------ error messages
+def _dotted(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and (part.startswith("function-") or part in ("list", "dict", "tuple")):
+            continue  # pydantic's internal validator names, not keys
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _schema_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every dotted key the schema accepts; list items appear as ``[]``."""
+    paths = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}.{name}" if prefix else name
+        paths.append(path)
+        ann = field.annotation
+        for sub in (ann, *get_args(ann)):
+            if get_origin(sub) is list and get_args(sub) and isinstance(get_args(sub)[0], type):
+                item = get_args(sub)[0]
+                if issubclass(item, BaseModel):
+                    paths += _schema_paths(item, path + "[]")
+            elif isinstance(sub, type) and issubclass(sub, BaseModel):
+                paths += _schema_paths(sub, path)
+    return paths
+
+
+def _strip_indices(path: str) -> str:
+    return re.sub(r"\[\d+\]", "[]", path)
+
+
+def suggest_key(bad_path: str) -> str | None:
+    """The valid key closest to a misspelled or misplaced one: same leaf name anywhere first, then spelling."""
+    paths = _schema_paths(Recipe)
+    plain = _strip_indices(bad_path)
+    leaf = plain.rsplit(".", 1)[-1]
+    parent = plain.rsplit(".", 1)[0] if "." in plain else ""
+
+    def leaf_of(p: str) -> str:
+        return p.rsplit(".", 1)[-1].split("[")[0]
+
+    def score(p: str) -> tuple[float, float]:
+        p_parent = p.rsplit(".", 1)[0] if "." in p else ""
+        return (
+            difflib.SequenceMatcher(None, leaf, leaf_of(p)).ratio(),
+            difflib.SequenceMatcher(None, parent, p_parent).ratio(),
+        )
+
+    best = max(paths, key=score)
+    if score(best)[0] < 0.6:
+        return None
+    # put the bad path's list indices back where the prefixes agree
+    indices = iter(re.findall(r"\[\d+\]", bad_path))
+    return re.sub(r"\[\]", lambda _: next(indices, "[0]"), best)
+
+
+def _describe(err: dict[str, Any]) -> str:
+    path = _dotted(err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        hint = suggest_key(path)
+        return f"`{path}` is not a field" + (f"; did you mean `{hint}`?" if hint else "")
+    if kind == "missing":
+        return f"`{path}` is required"
+    msg = err["msg"].removeprefix("Value error, ")
+    if kind == "value_error" or "input" not in err:
+        return f"`{path}`: {msg}" if path else msg
+    return f"`{path}` = {err['input']!r}: {msg}"

@@ -31,7 +31,9 @@ def _problems(data: dict) -> list[str]:
 @pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_validate_and_say_how_to_run(path: Path) -> None:
     first = path.read_text().splitlines()[0]
-    assert first.startswith("# ") and ("vlm-sapo" in first or "accelerate launch" in first or "deepspeed" in first), first
+    assert first.startswith("# ") and ("vlm-sapo" in first or "accelerate launch" in first or "deepspeed" in first), (
+        first
+    )
     assert path.name in first or path.name in path.read_text().splitlines()[1]
     load_recipe(path)
 
@@ -85,7 +87,9 @@ def test_overrides_are_typed_by_the_schema(tmp_path: Path) -> None:
 
 def test_base_recipe_merges_mappings_and_replaces_lists(tmp_path: Path) -> None:
     _write(tmp_path, {**MINIMAL, "rollout": {"n": 4, "temperature": 0.7}}, "base.yaml")
-    child = _write(tmp_path, {"base": "base.yaml", "rollout": {"n": 16}, "data": {"train": [{"path": "o", "task": "chart"}]}})
+    child = _write(
+        tmp_path, {"base": "base.yaml", "rollout": {"n": 16}, "data": {"train": [{"path": "o", "task": "chart"}]}}
+    )
     r = load_recipe(child)
     assert (r.rollout.n, r.rollout.temperature) == (16, 0.7)
     assert [s.path for s in r.data.train] == ["o"]

@@ -1,0 +1,397 @@
+"""Policy losses for group-based RL, registered by name behind one signature.
+
+Every loss is ``fn(logp, old_logp, advantages, mask, *, <hyper-parameters>) -> (loss, metrics)``:
+``logp``/``old_logp``/``mask`` are ``[batch, tokens]``, ``advantages`` is ``[batch]`` (broadcast over tokens) or
+``[batch, tokens]``, ``mask`` is 1 on completion tokens, ``loss`` is a scalar to minimise and ``metrics`` a
+``dict[str, float]``. Hyper-parameters are keyword-only with defaults, so a recipe can check user values against
+``inspect.signature``.
+
+Aggregation is part of each loss's definition (the papers differ exactly there), so it is declared when the loss is
+registered and exposed by ``policy_loss_aggregation``. ``aggregation_weight`` lets a learner that splits a batch into
+micro-batches (or ranks) weight each part so the sum equals the loss over the whole batch.
+
+Masked positions never reach the arithmetic: they are replaced by zeros first, so padding may hold anything (even NaN)
+without changing the loss or the gradient, and a row with no valid token contributes nothing.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import torch
+from torch import Tensor
+
+SEQ_MEAN_TOKEN_MEAN = "seq-mean-token-mean"
+TOKEN_MEAN = "token-mean"
+SEQ_MEAN_TOKEN_SUM_NORM = "seq-mean-token-sum-norm"
+AGGREGATIONS = (SEQ_MEAN_TOKEN_MEAN, TOKEN_MEAN, SEQ_MEAN_TOKEN_SUM_NORM)
+
+
+class PolicyLoss(Protocol):
+    def __call__(
+        self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, **hparams: Any
+    ) -> tuple[Tensor, dict[str, float]]: ...
+
+
+LossFn = TypeVar("LossFn", bound=Callable[..., tuple[Tensor, dict[str, float]]])
+
+_POLICY_LOSSES: dict[str, PolicyLoss] = {}
+_AGGREGATION: dict[str, str] = {}
+_POSITIONAL = ("logp", "old_logp", "advantages", "mask")
+
+
+def register_policy_loss(name: str, *, aggregation: str) -> Callable[[LossFn], LossFn]:
+    """Register a loss under ``name``; its signature is checked here so every loss can be configured the same way."""
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"policy loss {name!r}: aggregation {aggregation!r} is not one of {AGGREGATIONS}")
+
+    def decorator(fn: LossFn) -> LossFn:
+        if name in _POLICY_LOSSES:
+            raise ValueError(f"policy loss {name!r} is already registered")
+        params = list(inspect.signature(fn).parameters.values())
+        if tuple(p.name for p in params[:4]) != _POSITIONAL or any(
+            p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params[:4]
+        ):
+            raise TypeError(f"policy loss {name!r} must take ({', '.join(_POSITIONAL)}) first")
+        for p in params[4:]:
+            if p.kind is not inspect.Parameter.KEYWORD_ONLY or p.default is inspect.Parameter.empty:
+                raise TypeError(f"policy loss {name!r}: hyper-parameter {p.name!r} must be keyword-only with a default")
+        _POLICY_LOSSES[name] = fn
+        _AGGREGATION[name] = aggregation
+        return fn
+
+    return decorator
+
+
+def list_policy_losses() -> list[str]:
+    return sorted(_POLICY_LOSSES)
+
+
+def get_policy_loss(name: str) -> PolicyLoss:
+    if name not in _POLICY_LOSSES:
+        raise ValueError(f"unknown policy loss {name!r}; valid names: {', '.join(list_policy_losses())}")
+    return _POLICY_LOSSES[name]
+
+
+def policy_loss_aggregation(name: str) -> str:
+    get_policy_loss(name)
+    return _AGGREGATION[name]
+
+
+def _valid(mask: Tensor) -> Tensor:
+    return mask if mask.dtype == torch.bool else mask > 0
+
+
+def aggregate(values: Tensor, mask: Tensor, mode: str, *, max_length: int | None = None) -> Tensor:
+    """Reduce per-token ``values [batch, tokens]`` to a scalar over the tokens where ``mask`` is set.
+
+    ``seq-mean-token-mean``: token mean within each sequence, then mean over non-empty sequences (GRPO, GSPO, SAPO).
+    ``token-mean``: mean over all valid tokens of the batch (DAPO, CISPO); long answers weigh more.
+    ``seq-mean-token-sum-norm``: token sum per sequence divided by the constant ``max_length``, then mean over
+    non-empty sequences (Dr. GRPO): no length bias in either direction.
+    """
+    valid = _valid(mask)
+    values = torch.where(valid, values, 0.0)
+    if mode == TOKEN_MEAN:
+        return values.sum() / valid.sum().clamp(min=1)
+    lengths = valid.sum(-1)
+    num_seqs = (lengths > 0).sum().clamp(min=1)
+    if mode == SEQ_MEAN_TOKEN_MEAN:
+        return (values.sum(-1) / lengths.clamp(min=1)).sum() / num_seqs
+    if mode == SEQ_MEAN_TOKEN_SUM_NORM:
+        if max_length is None or max_length < 1:
+            raise ValueError(f"aggregation {mode!r} needs max_length >= 1, got {max_length!r}")
+        return (values.sum(-1) / max_length).sum() / num_seqs
+    raise ValueError(f"unknown aggregation {mode!r}; valid: {', '.join(AGGREGATIONS)}")
+
+
+def aggregation_weight(mode: str, mask: Tensor) -> int:
+    """What ``aggregate(mode)`` divides by on ``mask``: valid tokens for ``token-mean``, non-empty sequences otherwise.
+
+    A learner accumulating micro-batches (or averaging over ranks) multiplies each part's loss by
+    ``aggregation_weight(part) / sum of aggregation_weight(parts)``; the sum is then exactly the whole batch's loss.
+    """
+    if mode not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {mode!r}; valid: {', '.join(AGGREGATIONS)}")
+    valid = _valid(mask)
+    if mode == TOKEN_MEAN:
+        return int(valid.sum())
+    return int((valid.sum(-1) > 0).sum())
+
+
+@dataclass
+class _Batch:
+    logp: Tensor  # masked positions are 0, gradient flows only from valid tokens
+    log_ratio: Tensor  # log(pi / pi_old), clamped to +-max_log_ratio, 0 on masked positions
+    adv: Tensor  # [batch, tokens], 0 on masked positions, detached
+    valid: Tensor  # bool [batch, tokens]
+
+
+def _prepare(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, max_log_ratio: float) -> _Batch:
+    if logp.dim() != 2:
+        raise ValueError(f"logp must be [batch, tokens], got shape {tuple(logp.shape)}")
+    for arg, t in (("old_logp", old_logp), ("mask", mask)):
+        if t.shape != logp.shape:
+            raise ValueError(f"{arg} has shape {tuple(t.shape)}, expected {tuple(logp.shape)} like logp")
+    if advantages.shape == logp.shape[:1]:
+        advantages = advantages[:, None]
+    elif advantages.shape != logp.shape:
+        raise ValueError(
+            f"advantages has shape {tuple(advantages.shape)}, expected [batch] {tuple(logp.shape[:1])} "
+            f"or [batch, tokens] {tuple(logp.shape)}"
+        )
+    if not max_log_ratio > 0:
+        raise ValueError(f"max_log_ratio must be > 0, got {max_log_ratio!r}")
+    # fp32 at least: bf16 log-probs would make exp(log-ratio) coarse exactly where clipping/gating decides.
+    dtype = torch.promote_types(logp.dtype, torch.float32)
+    valid = _valid(mask)
+    logp = torch.where(valid, logp.to(dtype), 0.0)
+    old = torch.where(valid, old_logp.detach().to(dtype), 0.0)
+    adv = torch.where(valid, advantages.detach().to(dtype).expand(valid.shape), 0.0)
+    log_ratio = (logp - old).clamp(-max_log_ratio, max_log_ratio)
+    return _Batch(logp=logp, log_ratio=log_ratio, adv=adv, valid=valid)
+
+
+def _mean(x: Tensor, where: Tensor) -> Tensor:
+    return torch.where(where, x, 0.0).sum() / where.sum().clamp(min=1)
+
+
+def _max(x: Tensor, where: Tensor) -> Tensor:
+    top = torch.where(where, x, float("-inf")).amax()
+    return torch.where(where.any(), top, 0.0)
+
+
+def _floats(metrics: dict[str, Tensor]) -> dict[str, float]:
+    values = torch.stack([v.detach().to(torch.float64) for v in metrics.values()]).tolist()  # one device sync
+    return dict(zip(metrics, values))
+
+
+def _check_clip(name: str, clip_low: float, clip_high: float) -> None:
+    if not (0 <= clip_low < 1 and clip_high >= 0):
+        raise ValueError(f"{name}: need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low!r}, {clip_high!r}")
+
+
+def _ppo_clip(ratio: Tensor, adv: Tensor, clip_low: float, clip_high: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token min(r A, clip(r) A) and where the clip is active (its side zeroes the gradient)."""
+    objective = torch.minimum(ratio * adv, ratio.clamp(1 - clip_low, 1 + clip_high) * adv)
+    clipped_low = (adv < 0) & (ratio < 1 - clip_low)
+    clipped_high = (adv > 0) & (ratio > 1 + clip_high)
+    return objective, clipped_low, clipped_high
+
+
+def _clip_metrics(ratio: Tensor, low: Tensor, high: Tensor, valid: Tensor) -> dict[str, Tensor]:
+    return {
+        "clip_frac_low": _mean(low.to(ratio.dtype), valid),
+        "clip_frac_high": _mean(high.to(ratio.dtype), valid),
+        "ratio_mean": _mean(ratio, valid),
+        "ratio_max": _max(ratio, valid),
+    }
+
+
+@register_policy_loss("sapo", aggregation=SEQ_MEAN_TOKEN_MEAN)
+def sapo_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
+    max_log_ratio: float = 20.0,
+) -> tuple[Tensor, dict[str, float]]:
+    """SAPO: a temperature-controlled sigmoid gate replaces the hard clip.
+
+    Gao et al., "Soft Adaptive Policy Optimization", arXiv:2511.20347 (2025).
+    Per token f(r) = sigmoid(tau (r - 1)) * 4 / tau, tau = tau_pos where A > 0 else tau_neg; objective f(r) A, token
+    mean per sequence then mean over sequences. Its gradient is w r A grad(log pi) with w = 4 p (1 - p),
+    p = sigmoid(tau (r - 1)): w = 1 on-policy (the plain policy gradient) and decays smoothly as r leaves 1, so an
+    off-policy token is down-weighted rather than dropped. tau_neg > tau_pos decays negative updates faster, because
+    they push probability onto many unsampled tokens. The log-ratio is clamped to +-max_log_ratio before exp.
+
+    Metrics: the gate weight w (mean, fraction < 0.5), the per-sequence variance of log r over valid tokens (the
+    paper's Var_i; mean and max) and its bound (tau_i^2 / 4) Var_i on how far the token-averaged gate can sit from
+    the sequence-level gate (mean), plus the ratio's mean and max.
+    """
+    if not (tau_pos > 0 and tau_neg > 0):
+        raise ValueError(f"sapo: tau_pos and tau_neg must be > 0, got {tau_pos!r}, {tau_neg!r}")
+    b = _prepare(logp, old_logp, advantages, mask, max_log_ratio)
+    tau = torch.where(b.adv > 0, b.adv.new_tensor(tau_pos), b.adv.new_tensor(tau_neg))
+    ratio = b.log_ratio.exp()
+    x = tau * (ratio - 1)
+    loss = -aggregate(torch.sigmoid(x) * (4 / tau) * b.adv, b.valid, SEQ_MEAN_TOKEN_MEAN)
+
+    with torch.no_grad():
+        weight = 4 * torch.sigmoid(x) * torch.sigmoid(-x)  # sigmoid(-x), not 1 - p: no cancellation near p = 1
+        lengths = b.valid.sum(-1)
+        seqs = lengths > 0
+        n = lengths.clamp(min=1)
+        seq_mean = b.log_ratio.sum(-1, keepdim=True) / n[:, None]
+        var = torch.where(b.valid, (b.log_ratio - seq_mean) ** 2, 0.0).sum(-1) / n
+        seq_tau = torch.where(b.valid, tau, 0.0).amax(-1)  # with per-token advantages, the larger (looser) bound
+        metrics = {
+            "gate_weight_mean": _mean(weight, b.valid),
+            "gate_weight_lt_half_frac": _mean((weight < 0.5).to(weight.dtype), b.valid),
+            "log_ratio_var_mean": _mean(var, seqs),
+            "log_ratio_var_max": _max(var, seqs),
+            "gate_bound_mean": _mean(seq_tau**2 / 4 * var, seqs),
+            "ratio_mean": _mean(ratio, b.valid),
+            "ratio_max": _max(ratio, b.valid),
+        }
+    return loss, _floats(metrics)
+
+
+@register_policy_loss("gspo", aggregation=SEQ_MEAN_TOKEN_MEAN)
+def gspo_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_low: float = 3e-4,
+    clip_high: float = 4e-4,
+    max_log_ratio: float = 20.0,
+) -> tuple[Tensor, dict[str, float]]:
+    """GSPO: clip the sequence-level ratio s = exp(mean token log-ratio), the unit the reward is given to.
+
+    Zheng et al., "Group Sequence Policy Optimization", arXiv:2507.18071 (2025).
+    Token form (GSPO-token): s_t = sg[s] * pi_t / sg[pi_t] has the value s and the gradient s * grad(log pi_t), so
+    per-token advantages are allowed and, with one advantage per sequence, the gradient equals GSPO's.
+    Objective min(s_t A, clip(s_t, 1 - clip_low, 1 + clip_high) A), token mean per sequence then mean over
+    sequences. The clip range is tiny because a sequence ratio is a geometric mean. ratio_* metrics are over sequences.
+    """
+    _check_clip("gspo", clip_low, clip_high)
+    b = _prepare(logp, old_logp, advantages, mask, max_log_ratio)
+    lengths = b.valid.sum(-1)
+    seq_log_ratio = (b.log_ratio.sum(-1) / lengths.clamp(min=1)).detach()
+    ratio = (seq_log_ratio[:, None] + b.logp - b.logp.detach()).exp()
+    objective, low, high = _ppo_clip(ratio, b.adv, clip_low, clip_high)
+    loss = -aggregate(objective, b.valid, SEQ_MEAN_TOKEN_MEAN)
+    with torch.no_grad():
+        seq_ratio, seqs = seq_log_ratio.exp(), lengths > 0
+        metrics = _clip_metrics(ratio, low, high, b.valid)
+        metrics["ratio_mean"], metrics["ratio_max"] = _mean(seq_ratio, seqs), _max(seq_ratio, seqs)
+    return loss, _floats(metrics)
+
+
+@register_policy_loss("grpo", aggregation=SEQ_MEAN_TOKEN_MEAN)
+def grpo_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    max_log_ratio: float = 20.0,
+) -> tuple[Tensor, dict[str, float]]:
+    """GRPO: PPO's token-level clipped objective with group-relative advantages, no critic.
+
+    Shao et al., "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models",
+    arXiv:2402.03300 (2024); the clip is PPO's (Schulman et al., arXiv:1707.06347).
+    Objective min(r A, clip(r, 1 - clip_low, 1 + clip_high) A), token mean per sequence then mean over sequences.
+    The paper's KL term is not part of the loss here: see ``vlm_sapo.algos.kl`` (off by default).
+    """
+    _check_clip("grpo", clip_low, clip_high)
+    b = _prepare(logp, old_logp, advantages, mask, max_log_ratio)
+    ratio = b.log_ratio.exp()
+    objective, low, high = _ppo_clip(ratio, b.adv, clip_low, clip_high)
+    loss = -aggregate(objective, b.valid, SEQ_MEAN_TOKEN_MEAN)
+    with torch.no_grad():
+        metrics = _clip_metrics(ratio, low, high, b.valid)
+    return loss, _floats(metrics)
+
+
+@register_policy_loss("dapo", aggregation=TOKEN_MEAN)
+def dapo_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+    max_log_ratio: float = 20.0,
+) -> tuple[Tensor, dict[str, float]]:
+    """DAPO: clip-higher (a wider upper band keeps low-probability tokens rising) and token-level averaging.
+
+    Yu et al., "DAPO: An Open-Source LLM Reinforcement Learning System at Scale", arXiv:2503.14476 (2025).
+    Objective min(r A, clip(r, 1 - clip_low, 1 + clip_high) A), mean over all valid tokens of the batch, so a long
+    answer counts per token rather than being diluted. Dynamic sampling is the trainer's zero-variance filter.
+    """
+    _check_clip("dapo", clip_low, clip_high)
+    b = _prepare(logp, old_logp, advantages, mask, max_log_ratio)
+    ratio = b.log_ratio.exp()
+    objective, low, high = _ppo_clip(ratio, b.adv, clip_low, clip_high)
+    loss = -aggregate(objective, b.valid, TOKEN_MEAN)
+    with torch.no_grad():
+        metrics = _clip_metrics(ratio, low, high, b.valid)
+    return loss, _floats(metrics)
+
+
+@register_policy_loss("drgrpo", aggregation=SEQ_MEAN_TOKEN_SUM_NORM)
+def drgrpo_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    max_length: int = 1024,
+    max_log_ratio: float = 20.0,
+) -> tuple[Tensor, dict[str, float]]:
+    """Dr. GRPO: GRPO without its length bias: token sums divided by one constant instead of each answer's length.
+
+    Liu et al., "Understanding R1-Zero-Like Training: A Critical Perspective", arXiv:2503.20783 (2025).
+    Objective min(r A, clip(r) A) summed over each sequence's tokens, divided by ``max_length``, mean over sequences.
+    Set ``max_length`` to the rollout's maximum number of new tokens; it only rescales the loss (like a learning
+    rate), but a sequence longer than it means the setting is wrong, so that raises. Pair with the ``drgrpo``
+    advantage (no std scaling).
+    """
+    _check_clip("drgrpo", clip_low, clip_high)
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"drgrpo: max_length must be an int >= 1, got {max_length!r}")
+    b = _prepare(logp, old_logp, advantages, mask, max_log_ratio)
+    longest = int(b.valid.sum(-1).amax()) if b.valid.numel() else 0
+    if longest > max_length:
+        raise ValueError(f"drgrpo: a sequence has {longest} valid tokens > max_length={max_length}")
+    ratio = b.log_ratio.exp()
+    objective, low, high = _ppo_clip(ratio, b.adv, clip_low, clip_high)
+    loss = -aggregate(objective, b.valid, SEQ_MEAN_TOKEN_SUM_NORM, max_length=max_length)
+    with torch.no_grad():
+        metrics = _clip_metrics(ratio, low, high, b.valid)
+    return loss, _floats(metrics)
+
+
+@register_policy_loss("cispo", aggregation=TOKEN_MEAN)
+def cispo_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_high: float = 4.0,
+    clip_low: float | None = None,
+    max_log_ratio: float = 20.0,
+) -> tuple[Tensor, dict[str, float]]:
+    """CISPO: clip the (detached) importance weight, not the update, so every token keeps a gradient.
+
+    MiniMax, "MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightning Attention", arXiv:2506.13585 (2025).
+    Loss -sg[clip(r, 1 - clip_low, 1 + clip_high)] A log pi, mean over all valid tokens of the batch. The paper
+    tunes only the upper bound and leaves the lower one off (``clip_low=None``); it does not publish its value, so the
+    default cap 1 + 4.0 = 5 is this project's choice. The loss value is not a surrogate objective (it scales with
+    log pi); only its gradient sg[w] A grad(log pi) is meaningful.
+    """
+    if not clip_high >= 0 or (clip_low is not None and not 0 <= clip_low < 1):
+        raise ValueError(f"cispo: need clip_high >= 0 and clip_low None or in [0, 1), got {clip_high!r}, {clip_low!r}")
+    b = _prepare(logp, old_logp, advantages, mask, max_log_ratio)
+    ratio = b.log_ratio.exp().detach()
+    lower = 0.0 if clip_low is None else 1 - clip_low
+    weight = ratio.clamp(lower, 1 + clip_high)
+    loss = -aggregate(weight * b.adv * b.logp, b.valid, TOKEN_MEAN)
+    with torch.no_grad():
+        metrics = _clip_metrics(ratio, ratio < lower, ratio > 1 + clip_high, b.valid)
+    return loss, _floats(metrics)

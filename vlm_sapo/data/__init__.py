@@ -1,0 +1,33 @@
+"""Samples, validated loaders, safe image loading and prompt rendering."""
+
+from vlm_sapo.data.images import ImageError, ImageRef, open_image, to_rgb
+from vlm_sapo.data.loaders import BadRow, DataError, LoadResult, load_samples
+from vlm_sapo.data.prompts import (
+    DroppedPrompt,
+    PromptTooLongError,
+    RenderedPrompt,
+    RenderResult,
+    prompt_model_inputs,
+    render_prompt,
+    render_prompts,
+)
+from vlm_sapo.data.sample import Sample
+
+__all__ = [
+    "BadRow",
+    "DataError",
+    "DroppedPrompt",
+    "ImageError",
+    "ImageRef",
+    "LoadResult",
+    "PromptTooLongError",
+    "RenderResult",
+    "RenderedPrompt",
+    "Sample",
+    "load_samples",
+    "open_image",
+    "prompt_model_inputs",
+    "render_prompt",
+    "render_prompts",
+    "to_rgb",
+]

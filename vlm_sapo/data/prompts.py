@@ -1,0 +1,191 @@
+"""Rendering a Sample into the exact prompt text and pixels that both rollout engines and the learner consume.
+
+Images are resized here, once, with qwen-vl-utils' `fetch_image` (smart_resize to multiples of patch x merge within
+min/max pixels), and the processor is then called with `do_resize=False`: the pixels the vLLM engine, the HF engine
+and the learner see are the same by construction, and the image-token count is (h / (patch*merge)) * (w / (patch*merge))
+per image: 28 for Qwen2/2.5-VL (patch 14), 32 for Qwen3-VL (patch 16). A prompt over `max_prompt_tokens` is dropped or
+fails, never truncated, because truncation would cut through image tokens.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from PIL import Image
+
+from vlm_sapo.data.images import ImageError
+from vlm_sapo.data.loaders import DataError
+from vlm_sapo.data.sample import Sample
+
+SPATIAL_MERGE_SIZE = 2  # qwen-vl-utils' constant; checked against the processor's merge_size
+
+
+class PromptTooLongError(DataError):
+    """The rendered prompt, image tokens included, is longer than `max_prompt_tokens`."""
+
+
+@dataclass
+class RenderedPrompt:
+    """A prompt ready for generation: chat-templated text plus pre-resized RGB images.
+
+    `model_input_sizes` are (width, height) of the resized images (Qwen2.5-VL answers boxes in these pixels);
+    `original_sizes` are (width, height) of the decoded images (after EXIF orientation), to map boxes back.
+    """
+
+    id: str
+    text: str
+    images: list[Image.Image]
+    model_input_sizes: list[tuple[int, int]]
+    num_prompt_tokens: int
+    original_sizes: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class DroppedPrompt:
+    id: str
+    reason: str  # "too_long"
+    detail: str
+
+
+@dataclass
+class RenderResult:
+    prompts: list[RenderedPrompt]
+    dropped: list[DroppedPrompt]
+
+    def dropped_counts(self) -> dict[str, int]:
+        return dict(Counter(d.reason for d in self.dropped))
+
+
+def user_text(question: str, instruction: str) -> str:
+    """The question followed by the task's format instruction, on its own line."""
+    return f"{question}\n{instruction}" if instruction else question
+
+
+def _patch_factor(processor: Any, image_patch_size: int) -> int:
+    ip = processor.image_processor
+    patch = getattr(ip, "patch_size", None)
+    merge = getattr(ip, "merge_size", None)
+    if patch != image_patch_size:
+        raise ValueError(f"image_patch_size={image_patch_size} but the processor's patch_size is {patch} "
+                         f"(Qwen2/2.5-VL: 14, Qwen3-VL: 16)")
+    if merge != SPATIAL_MERGE_SIZE:
+        raise ValueError(f"processor merge_size {merge} differs from qwen-vl-utils' {SPATIAL_MERGE_SIZE}")
+    return image_patch_size * SPATIAL_MERGE_SIZE
+
+
+def render_prompt(
+    processor: Any,
+    sample: Sample,
+    *,
+    instruction: str,
+    min_pixels: int,
+    max_pixels: int,
+    image_patch_size: int = 14,
+    max_prompt_tokens: int | None,
+    system: str | None = None,
+) -> RenderedPrompt:
+    """Chat-template the sample (images, then question + instruction) and resize its images for the model.
+
+    Raises `PromptTooLongError` over `max_prompt_tokens` and `DataError` (naming the sample) for images that cannot
+    be loaded or resized; `ValueError` for settings that do not fit the processor.
+    """
+    from qwen_vl_utils import fetch_image  # imports torchvision; keep it off the loaders' import path
+
+    factor = _patch_factor(processor, image_patch_size)
+    if not factor * factor <= min_pixels <= max_pixels:
+        raise ValueError(f"need {factor}^2 <= min_pixels <= max_pixels, got min_pixels={min_pixels}, "
+                         f"max_pixels={max_pixels}")
+    try:
+        originals = sample.load_images()
+    except ImageError as err:
+        raise DataError(f"sample {sample.id!r}: {err}") from err
+    images, sizes = [], []
+    for k, img in enumerate(originals):
+        try:
+            resized = fetch_image({"image": img, "min_pixels": min_pixels, "max_pixels": max_pixels},
+                                  image_patch_size=image_patch_size)
+        except ValueError as err:  # aspect ratio over 200, or a side rounded down to 0 pixels
+            raise DataError(f"sample {sample.id!r} image {k} ({img.width}x{img.height}) cannot be resized for "
+                            f"min_pixels={min_pixels}, max_pixels={max_pixels}: {err}") from err
+        w, h = resized.size
+        if w % factor or h % factor or not min_pixels <= w * h <= max_pixels:
+            raise DataError(f"sample {sample.id!r} image {k}: resized to {w}x{h}, not multiples of {factor} within "
+                            f"[{min_pixels}, {max_pixels}] pixels")
+        images.append(resized)
+        sizes.append((w, h))
+
+    content: list[dict[str, str]] = [{"type": "image"} for _ in images]
+    content.append({"type": "text", "text": user_text(sample.question, instruction)})
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system is not None else []
+    messages.append({"role": "user", "content": content})
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    image_token = processor.image_token
+    if text.count(image_token) != len(images) or getattr(processor, "video_token", "<|video_pad|>") in text:
+        raise DataError(f"sample {sample.id!r}: prompt has {text.count(image_token)} '{image_token}' for "
+                        f"{len(images)} image(s) (or a video token): the question or instruction contains "
+                        "vision special tokens")
+    tokens_per_image = [(w // factor) * (h // factor) for w, h in sizes]
+    num_tokens = len(processor.tokenizer(text)["input_ids"]) + sum(n - 1 for n in tokens_per_image)
+    if max_prompt_tokens is not None and num_tokens > max_prompt_tokens:
+        raise PromptTooLongError(f"sample {sample.id!r}: prompt is {num_tokens} tokens ({sum(tokens_per_image)} "
+                                 f"image tokens), above max_prompt_tokens={max_prompt_tokens}")
+    return RenderedPrompt(id=sample.id, text=text, images=images, model_input_sizes=sizes,
+                          num_prompt_tokens=num_tokens, original_sizes=[im.size for im in originals])
+
+
+def render_prompts(
+    processor: Any,
+    samples: list[Sample],
+    *,
+    instruction: str | dict[str, str],
+    on_too_long: Literal["drop", "fail"] = "drop",
+    **kwargs: Any,
+) -> RenderResult:
+    """Render many samples; over-long prompts are dropped and counted (`"drop"`) or raise (`"fail"`).
+
+    `instruction` may be a dict task -> instruction for a task mix. Other keyword arguments go to `render_prompt`.
+    """
+    if on_too_long not in ("drop", "fail"):
+        raise ValueError(f"on_too_long must be 'drop' or 'fail', got {on_too_long!r}")
+    prompts, dropped = [], []
+    for sample in samples:
+        if isinstance(instruction, dict):
+            if sample.task not in instruction:
+                raise ValueError(f"no instruction for task {sample.task!r} (sample {sample.id!r})")
+            text = instruction[sample.task]
+        else:
+            text = instruction
+        try:
+            prompts.append(render_prompt(processor, sample, instruction=text, **kwargs))
+        except PromptTooLongError as err:
+            if on_too_long == "fail":
+                raise
+            dropped.append(DroppedPrompt(sample.id, "too_long", str(err)))
+    return RenderResult(prompts, dropped)
+
+
+def prompt_model_inputs(processor: Any, rendered: RenderedPrompt) -> dict[str, Any]:
+    """The processor's tensors for one rendered prompt (input_ids, attention_mask, pixel_values, image_grid_thw,
+    mm_token_type_ids, ...), batch size 1, with the images used exactly as rendered (`do_resize=False`).
+
+    Checks that the processor produced the token count and grids `render_prompt` promised, so an engine and the
+    learner cannot silently disagree on image tokens.
+    """
+    kwargs: dict[str, Any] = {"text": [rendered.text], "return_tensors": "pt"}
+    if rendered.images:
+        kwargs.update(images=rendered.images, do_resize=False)
+    out = dict(processor(**kwargs))
+    n = int(out["input_ids"].shape[-1])
+    if n != rendered.num_prompt_tokens:
+        raise RuntimeError(f"prompt {rendered.id!r}: the processor gives {n} tokens, render_prompt counted "
+                           f"{rendered.num_prompt_tokens}")
+    if rendered.images:
+        patch = processor.image_processor.patch_size
+        expected = [[1, h // patch, w // patch] for w, h in rendered.model_input_sizes]
+        got = out["image_grid_thw"].tolist()
+        if got != expected:
+            raise RuntimeError(f"prompt {rendered.id!r}: image_grid_thw {got} != expected {expected}")
+    return out

@@ -27,6 +27,28 @@ def _init_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    import logging
+
+    from vlm_sapo.recipe import RecipeError, load_recipe
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except RecipeError as e:
+        print(e, file=sys.stderr)
+        return 2
+    from vlm_sapo.trainer import TrainingError, train
+
+    try:
+        run_dir = train(recipe, resume=args.resume)
+    except TrainingError as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        return 1
+    print(f"run finished: {run_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlm-sapo", description="RL for vision-language models with SAPO (Soft Adaptive Policy Optimization)."
@@ -37,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="path to a YAML recipe")
     p.add_argument("overrides", nargs="*", metavar="a.b.c=value", help="typed overrides")
     p.set_defaults(fn=_check_recipe)
+
+    p = sub.add_parser("train", help="train a policy with RL from a recipe")
+    p.add_argument("recipe", help="path to a YAML recipe")
+    p.add_argument("overrides", nargs="*", metavar="a.b.c=value", help="typed overrides")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                   help="continue from the newest valid checkpoint of the run (or the one given); "
+                        "default: the recipe's checkpoint.resume")
+    p.set_defaults(fn=_train)
 
     p = sub.add_parser("init-tiny", help="build a tiny random Qwen-VL model folder offline (for tests and the demo)")
     p.add_argument("out_dir")

@@ -55,9 +55,10 @@ class MetricsLog:
         tmp.write_text("".join(f"{line}\n" for line in kept))
         os.replace(tmp, self.path)
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
+    def log(self, step: int, metrics: dict[str, float], record: dict[str, Any] | None = None) -> None:
+        """``record`` holds non-scalar facts of the step (e.g. the batch's sample ids): JSON lines only."""
         clean = {k: (float(v) if math.isfinite(float(v)) else str(float(v))) for k, v in metrics.items()}
-        self._file.write(json.dumps({"step": step, **clean}) + "\n")
+        self._file.write(json.dumps({"step": step, **clean, **(record or {})}) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
         if self._tb is not None:

@@ -1,0 +1,50 @@
+"""Worker for test_two_process.py, run under `torchrun --nproc_per_node 2`: one update per loss on this rank's share.
+
+The shares are unequal on purpose (rank 0: rows 0-2, rank 1: rows 3-4, different token counts and micro-batch
+counts), so a learner that averaged per-rank means, or made unequal collective calls, would fail the comparison.
+Rank 0 writes `<out>/<loss>.pt` with the metrics and the updated weights.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from learner_batches import make_batch, make_learner, take_rows, weights  # noqa: E402
+
+SHARES = ([0, 1, 2], [3, 4])
+ADV = torch.tensor([1.0, -0.5, 0.8, -1.2, 0.3])
+LEARNER = dict(zero_stage=2, lr=0.5, eps=1.0, betas=(0.9, 0.99), grad_clip=None, micro_batch_tokens=100)
+LOSSES = ("sapo", "dapo")
+
+
+def off_policy_old(learner, batch, rows: list[int]) -> torch.Tensor:
+    """old_logp a little off the current policy, the same noise for a row whichever process holds it."""
+    noise = torch.randn((5, batch["input_ids"].shape[1]), generator=torch.Generator().manual_seed(7))[rows]
+    return (learner.compute_logprobs(batch) + 0.3 * noise) * batch["completion_mask"]
+
+
+def run_one(model_dir: Path, loss_name: str, rows: list[int]) -> tuple[dict, dict]:
+    batch = take_rows(make_batch(model_dir), rows, model_dir)
+    learner = make_learner(model_dir, **LEARNER)
+    old = off_policy_old(learner, batch, rows)
+    metrics = learner.update(batch, old, ADV[rows], loss_name, {})
+    return metrics, weights(learner)
+
+
+def main() -> None:
+    model_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    for loss_name in LOSSES:
+        metrics, w = run_one(model_dir, loss_name, SHARES[rank])
+        if rank == 0:
+            torch.save({"metrics": metrics, "weights": w}, out / f"{loss_name}.pt")
+
+
+if __name__ == "__main__":
+    main()

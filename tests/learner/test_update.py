@@ -1,0 +1,276 @@
+"""Learner.update against hand-written references: plain torch AdamW on the whole batch, naive log-softmax, the
+losses written out here from their papers' formulas.
+
+Adam's first step is nearly invariant to the gradient's scale (update ~ lr * sign(g)), so a parameter comparison alone
+would miss a wrongly scaled loss. Where the tests compare gradients they use eps=1 (for |g| << eps the update is
+~ lr * g / eps, linear in g) and also compare the reported gradient norm, which is scale-sensitive.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from learner_batches import load_model, make_learner, weights
+
+LINEAR_ADAM = dict(lr=0.5, eps=1.0, betas=(0.9, 0.99))
+ADV = torch.tensor([1.0, -0.5, 0.8, -1.2, 0.3])
+
+
+def naive_logprobs(model, batch) -> torch.Tensor:
+    """Full-vocabulary logits in one forward, fp32 log-softmax, shifted: logp[:, t] = log p(ids[t] | ids[:t])."""
+    keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+    logits = model(**{k: batch[k] for k in keys}, use_cache=False).logits.float()
+    logp = torch.zeros(batch["input_ids"].shape)
+    logp[:, 1:] = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    return logp
+
+
+def perturbed_old(logp: torch.Tensor, mask: torch.Tensor, seed: int = 1) -> torch.Tensor:
+    """A behaviour policy a little off the current one, so ratios, gates and clips are not all trivial."""
+    noise = torch.randn(logp.shape, generator=torch.Generator().manual_seed(seed))
+    return (logp.detach() + 0.3 * noise) * mask
+
+
+def ref_sapo(logp, old, adv, mask, tau_pos=1.0, tau_neg=1.05):
+    """Gao et al. 2025: -(1/G) sum_i (1/|o_i|) sum_t sigmoid(tau (r - 1)) * 4 / tau * A_i."""
+    total = 0.0
+    for i in range(logp.shape[0]):
+        m = mask[i].bool()
+        r = torch.exp(logp[i][m] - old[i][m])
+        tau = tau_pos if adv[i] > 0 else tau_neg
+        total = total + (torch.sigmoid(tau * (r - 1)) * 4 / tau * adv[i]).mean()
+    return -total / logp.shape[0]
+
+
+def ref_clipped(logp, old, adv, mask, lo, hi):
+    r = torch.exp(logp - old)
+    a = adv[:, None].expand_as(r) if adv.dim() == 1 else adv
+    return torch.minimum(r * a, r.clamp(1 - lo, 1 + hi) * a)
+
+
+def ref_dapo(logp, old, adv, mask):
+    """Token mean over the whole batch."""
+    m = mask.bool()
+    return -ref_clipped(logp, old, adv, mask, 0.2, 0.28)[m].sum() / m.sum()
+
+
+def ref_drgrpo(logp, old, adv, mask, max_length):
+    """Per-sequence token sum / max_length, mean over sequences."""
+    m = mask.bool()
+    per_tok = torch.where(m, ref_clipped(logp, old, adv, mask, 0.2, 0.2), 0.0)
+    return -(per_tok.sum(1) / max_length).mean()
+
+
+def ref_grpo_seq(logp, old, adv, mask):
+    m = mask.bool()
+    per_tok = torch.where(m, ref_clipped(logp, old, adv, mask, 0.2, 0.2), 0.0)
+    return -(per_tok.sum(1) / m.sum(1)).mean()
+
+
+def reference_step(model_dir, batch, loss_of_logp, *, lr, eps, betas, weight_decay, grad_clip):
+    """What the learner must do, without DeepSpeed: whole batch, one AdamW step after clipping."""
+    model = load_model(model_dir)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=lr, eps=eps, betas=betas)
+    loss = loss_of_logp(naive_logprobs(model, batch))
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    after = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return loss.item(), float(norm), before, after
+
+
+def assert_same_update(before, after_a, after_b, rel=1e-4):
+    """The two parameter changes agree to `rel` of the largest change."""
+    biggest = max(float((after_a[n] - before[n]).abs().max()) for n in before)
+    assert biggest > 1e-4, "the update moved nothing"
+    worst = max(float(((after_a[n] - before[n]) - (after_b[n] - before[n])).abs().max()) for n in before)
+    assert worst <= rel * biggest, f"updates differ by {worst:.3g} (largest change {biggest:.3g})"
+
+
+def test_update_matches_hand_written_adamw_step(small_qwen25_dir, policy_batch):
+    mask = policy_batch["completion_mask"]
+    with torch.no_grad():
+        old = perturbed_old(naive_logprobs(load_model(small_qwen25_dir), policy_batch), mask)
+    ref_loss, ref_norm, before, ref_after = reference_step(
+        small_qwen25_dir, policy_batch, lambda lp: ref_sapo(lp, old, ADV, mask),
+        weight_decay=0.1, grad_clip=0.05, **LINEAR_ADAM)
+    assert ref_norm > 0.05, "the clip must be active for this test to check it"
+
+    learner = make_learner(small_qwen25_dir, zero_stage=2, weight_decay=0.1, grad_clip=0.05, micro_batch_tokens=100,
+                           **LINEAR_ADAM)
+    m = learner.update(policy_batch, old, ADV, "sapo", {})
+    assert m["micro_batches"] >= 3
+    assert m["skipped"] == 0 and m["tokens"] == int(mask.sum())
+    assert m["loss"] == pytest.approx(ref_loss, rel=1e-5)
+    assert m["grad_norm"] == pytest.approx(ref_norm, rel=1e-4)
+    assert m["lr"] == pytest.approx(LINEAR_ADAM["lr"])
+    assert_same_update(before, weights(learner), ref_after)
+
+
+def test_logprobs_and_kl_tis_terms_match_reference(small_qwen25_dir, policy_batch):
+    """GRPO + k3 KL + truncated IS, against the formulas; and compute_logprobs against the naive forward."""
+    mask = policy_batch["completion_mask"]
+    with torch.no_grad():
+        naive = naive_logprobs(load_model(small_qwen25_dir), policy_batch)
+    old = perturbed_old(naive, mask, seed=1)
+    rollout = perturbed_old(naive, mask, seed=2)
+    ref_lp = perturbed_old(naive, mask, seed=3)
+    cap, kl_coef = 1.5, 0.2
+    tis = torch.exp(old - rollout).clamp(max=cap)
+
+    def loss_of(lp):
+        adv = ADV[:, None] * tis
+        log_rho = ref_lp - lp
+        k3 = torch.where(mask.bool(), torch.exp(log_rho) - 1 - log_rho, 0.0)
+        kl = (k3.sum(1) / mask.sum(1)).mean()
+        return ref_grpo_seq(lp, old, adv, mask) + kl_coef * kl
+
+    ref_loss, ref_norm, before, ref_after = reference_step(
+        small_qwen25_dir, policy_batch, loss_of, weight_decay=0.0, grad_clip=1e9, **LINEAR_ADAM)
+    learner = make_learner(small_qwen25_dir, zero_stage=2, grad_clip=None, micro_batch_tokens=120, **LINEAR_ADAM)
+    logp = learner.compute_logprobs(policy_batch)
+    torch.testing.assert_close(logp * mask, naive * mask, atol=2e-5, rtol=0)
+
+    m = learner.update(policy_batch, old, ADV, "grpo", {}, rollout_logp=rollout, tis_cap=cap, kl_coef=kl_coef,
+                       ref_logp=ref_lp)
+    assert m["loss"] == pytest.approx(ref_loss, rel=1e-5)
+    assert m["grad_norm"] == pytest.approx(ref_norm, rel=1e-4)
+    valid = mask.bool()
+    assert m["tis_weight_mean"] == pytest.approx(float(tis[valid].mean()), rel=1e-6)
+    assert m["mismatch_logp_abs_diff_mean"] == pytest.approx(float((old - rollout)[valid].abs().mean()), rel=1e-6)
+    assert_same_update(before, weights(learner), ref_after)
+
+
+@pytest.mark.parametrize(("loss_name", "hparams"), [("sapo", {}), ("dapo", {}), ("drgrpo", {"max_length": 12})])
+def test_micro_batch_split_does_not_change_the_update(small_qwen25_dir, policy_batch, loss_name, hparams):
+    """One micro-batch vs one row each: same loss, gradient norm and parameters (token-mean losses included)."""
+    mask = policy_batch["completion_mask"]
+    with torch.no_grad():
+        old = perturbed_old(naive_logprobs(load_model(small_qwen25_dir), policy_batch), mask)
+    runs = []
+    for budget in (10**6, 1):
+        learner = make_learner(small_qwen25_dir, zero_stage=2, grad_clip=None, micro_batch_tokens=budget,
+                               **LINEAR_ADAM)
+        before = weights(learner)
+        m = learner.update(policy_batch, old, ADV, loss_name, hparams)
+        runs.append((m, weights(learner)))
+        del learner
+    (m_one, w_one), (m_many, w_many) = runs
+    assert (m_one["micro_batches"], m_many["micro_batches"]) == (1, 5)
+    assert m_many["loss"] == pytest.approx(m_one["loss"], rel=1e-5)
+    assert m_many["grad_norm"] == pytest.approx(m_one["grad_norm"], rel=1e-5)
+    for key in ("ratio_mean", "clip_frac_high", "gate_weight_mean"):
+        if key in m_one:
+            assert m_many[key] == pytest.approx(m_one[key], rel=1e-5, abs=1e-7)
+    assert_same_update(before, w_many, w_one, rel=1e-5)
+    # ... and the value is the loss's own aggregation over the whole batch
+    with torch.no_grad():
+        naive = naive_logprobs(load_model(small_qwen25_dir), policy_batch)
+    expected = {"sapo": lambda: ref_sapo(naive, old, ADV, mask), "dapo": lambda: ref_dapo(naive, old, ADV, mask),
+                "drgrpo": lambda: ref_drgrpo(naive, old, ADV, mask, 12)}[loss_name]()
+    assert m_one["loss"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_sapo_updates_raise_the_logprobs_of_rewarded_tokens(small_qwen25_dir, policy_batch):
+    """On-policy the SAPO surrogate is constant (sigmoid(0) * 4 / tau * A = 2 at r = 1, A = 1); the policy must climb."""
+    mask = policy_batch["completion_mask"].bool()
+    learner = make_learner(small_qwen25_dir, zero_stage=2, lr=3e-3, micro_batch_tokens=150)
+    means = []
+    for _ in range(10):
+        old = learner.compute_logprobs(policy_batch)
+        means.append(float(old[mask].mean()))
+        m = learner.update(policy_batch, old, torch.ones(5), "sapo", {})
+        assert m["skipped"] == 0 and m["loss"] == pytest.approx(-2.0)
+    means.append(float(learner.compute_logprobs(policy_batch)[mask].mean()))
+    assert means[-1] - means[0] > 1.0, f"mean log-prob of the rewarded tokens: {means}"
+    assert all(b > a for a, b in zip(means, means[1:])), f"not rising at every update: {means}"
+    assert learner.updates == 10 and learner.nonfinite_in_a_row == 0
+
+
+def _optimizer_steps(learner) -> int:
+    states = [s for s in learner.optimizer.optimizer.state.values() if "step" in s]
+    return int(states[0]["step"]) if states else 0
+
+
+def test_nonfinite_loss_skips_the_step_and_counts(small_qwen25_dir, policy_batch):
+    mask = policy_batch["completion_mask"]
+    learner = make_learner(small_qwen25_dir, zero_stage=2, micro_batch_tokens=150, warmup_steps=4, total_steps=10)
+    old = learner.compute_logprobs(policy_batch)
+    learner.update(policy_batch, old, ADV, "sapo", {})
+    w0, lr0, sched0, steps0 = weights(learner), learner.lr, learner.scheduler.last_epoch, _optimizer_steps(learner)
+    assert steps0 == 1
+
+    bad_adv = ADV[:, None].expand(mask.shape).clone()
+    bad_adv[3, mask[3].nonzero()[2, 0]] = float("nan")  # one completion token of one row
+    bad_rollout = old.clone()
+    bad_rollout[1, mask[1].nonzero()[0, 0]] = float("nan")  # a broken rollout log-prob, through truncated IS
+    for i, kwargs in enumerate([dict(advantages=bad_adv), dict(advantages=ADV, rollout_logp=bad_rollout, tis_cap=2.0)]):
+        m = learner.update(policy_batch, old, loss_name="sapo", loss_hparams={}, **kwargs)
+        assert m["skipped"] == 1 and m["nonfinite_in_a_row"] == i + 1 == learner.nonfinite_in_a_row
+        assert not math.isfinite(m["grad_norm"]) or not math.isfinite(m["loss"])
+        assert all(torch.equal(w0[n], t) for n, t in weights(learner).items()), "a skipped step changed weights"
+        assert (learner.lr, learner.scheduler.last_epoch, _optimizer_steps(learner)) == (lr0, sched0, steps0)
+
+    m = learner.update(policy_batch, old, ADV, "sapo", {})
+    assert m["skipped"] == 0 and learner.nonfinite_in_a_row == 0
+    assert m["lr"] == pytest.approx(lr0) and learner.lr > lr0  # the warm-up resumed where it stood
+    assert not all(torch.equal(w0[n], t) for n, t in weights(learner).items())
+
+
+def test_frozen_vision_tower_stays_unchanged(small_qwen25_dir, policy_batch):
+    learner = make_learner(small_qwen25_dir, zero_stage=2, freeze_vision=True, micro_batch_tokens=150,
+                           gradient_checkpointing=True)
+    before = weights(learner)
+    old = learner.compute_logprobs(policy_batch)
+    for _ in range(2):
+        assert learner.update(policy_batch, old, ADV, "sapo", {})["skipped"] == 0
+    after = weights(learner)
+    vision = [n for n in before if n.startswith("model.visual.")]
+    text = [n for n in before if n not in vision]
+    assert vision and all(torch.equal(before[n], after[n]) for n in vision)
+    assert sum(not torch.equal(before[n], after[n]) for n in text) > len(text) // 2
+    trainable = {n for n, p in learner.policy.named_parameters() if p.requires_grad}
+    assert trainable == set(text) - {"lm_head.weight"} | ({"lm_head.weight"} & trainable)
+
+
+def test_zero3_matches_zero2(small_qwen25_dir, policy_batch):
+    mask = policy_batch["completion_mask"]
+    with torch.no_grad():
+        old = perturbed_old(naive_logprobs(load_model(small_qwen25_dir), policy_batch), mask)
+    results = {}
+    for stage in (2, 3):
+        learner = make_learner(small_qwen25_dir, zero_stage=stage, grad_clip=0.05, micro_batch_tokens=100,
+                               **LINEAR_ADAM)
+        before = weights(learner)
+        m = learner.update(policy_batch, old, ADV, "dapo", {})
+        results[stage] = (m, weights(learner))
+    (m2, w2), (m3, w3) = results[2], results[3]
+    assert {n: t.shape for n, t in w3.items()} == {n: t.shape for n, t in before.items()}
+    assert m3["micro_batches"] == m2["micro_batches"] >= 3
+    assert m3["loss"] == pytest.approx(m2["loss"], rel=1e-6)
+    assert m3["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-5)
+    assert_same_update(before, w3, w2, rel=1e-5)
+
+
+def test_bad_inputs_name_the_problem(small_qwen25_dir, policy_batch):
+    learner = make_learner(small_qwen25_dir, zero_stage=2)
+    old = torch.zeros(policy_batch["input_ids"].shape)
+    with pytest.raises(ValueError, match="old_logp has shape"):
+        learner.update(policy_batch, old[:, :-1], ADV, "sapo", {})
+    with pytest.raises(ValueError, match="advantages has 4 rows"):
+        learner.update(policy_batch, old, ADV[:4], "sapo", {})
+    with pytest.raises(ValueError, match="unknown policy loss"):
+        learner.update(policy_batch, old, ADV, "ppo2", {})
+    with pytest.raises(ValueError, match="kl_coef > 0 needs ref_logp"):
+        learner.update(policy_batch, old, ADV, "sapo", {}, kl_coef=0.1)
+    empty = {**policy_batch, "completion_mask": torch.zeros_like(policy_batch["completion_mask"])}
+    with pytest.raises(ValueError, match="no completion token"):
+        learner.update(empty, old, ADV, "sapo", {})
+    with pytest.raises(ValueError, match="zero_stage must be 1, 2 or 3"):
+        make_learner(small_qwen25_dir, zero_stage=0)

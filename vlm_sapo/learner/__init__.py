@@ -1,0 +1,8 @@
+"""The DeepSpeed policy learner: log-probs, micro-batched updates with exact loss scaling, weights for the rollout.
+
+Imports leaves only (`vlm_sapo.algos`, `vlm_sapo.models`); never tasks, rewards, rollout or data.
+"""
+
+from vlm_sapo.learner.learner import Learner
+
+__all__ = ["Learner"]

@@ -1,0 +1,388 @@
+"""The policy learner: a Qwen-VL model under DeepSpeed ZeRO, updated one mini-batch at a time.
+
+Loss scaling, the part that is easy to get subtly wrong:
+- a mini-batch is split into token-budget micro-batches (and, data-parallel, into ranks); each part's loss is
+  multiplied by `aggregation_weight(part) / aggregation_weight(whole global mini-batch)` (valid tokens for token-mean
+  losses, non-empty sequences otherwise), so the accumulated gradient is exactly the gradient of the loss's own
+  aggregation over the global mini-batch, however it was split;
+- DeepSpeed averages gradients over the data-parallel ranks, so each rank also multiplies by the world size. The
+  global normaliser is an all-reduced count, so ranks holding unequal shares (rows or tokens) are still exact.
+- ranks may need different numbers of micro-batches; the shorter ones run extra zero-weight passes so every rank
+  makes the same collective calls (ZeRO-3 gathers parameters inside each forward).
+
+A non-finite loss or gradient norm on any rank makes DeepSpeed's ZeRO optimizer skip the step (gradients zeroed, no
+optimizer or scheduler step); the learner reports `skipped=1` and counts consecutive skips in `nonfinite_in_a_row`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlm_sapo.algos import (
+    aggregate,
+    aggregation_weight,
+    get_policy_loss,
+    kl_penalty,
+    mismatch_metrics,
+    policy_loss_aggregation,
+    truncated_is_weight,
+)
+from vlm_sapo.learner import dist_env
+from vlm_sapo.learner.ds_config import build_ds_config
+from vlm_sapo.learner.lora import apply_lora, freeze_vision_tower
+from vlm_sapo.learner.micro_batches import BatchLayout, MicroBatch, batch_layout, plan_micro_batches, slice_batch
+from vlm_sapo.learner.optim import lr_multiplier, param_groups
+from vlm_sapo.learner.weights import hf_model, named_full_weights
+from vlm_sapo.models.logprobs import token_logprobs
+
+log = logging.getLogger(__name__)
+
+_DS_TAG = "deepspeed"  # sub-folder of a checkpoint that holds DeepSpeed's model/optimizer/scheduler files
+
+
+class Learner:
+    """A DeepSpeed-wrapped policy with `compute_logprobs` (no grad) and `update` (one optimizer step)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        zero_stage: int = 2,
+        deepspeed_config: str | Path | None = None,
+        lr: float = 1e-6,
+        lr_schedule: str = "constant",
+        warmup_steps: int = 0,
+        total_steps: int = 1,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        grad_clip: float | None = 1.0,
+        micro_batch_tokens: int = 8192,
+        bf16: bool | None = None,
+        gradient_checkpointing: bool = False,
+        freeze_vision: bool = False,
+        lora_rank: int = 0,
+        lora_alpha: float | None = None,
+        lora_dropout: float = 0.0,
+        lora_target_modules: list[str] | str | None = None,
+        temperature: float = 1.0,
+        logprob_chunk_size: int = 1024,
+        track_entropy: bool = True,
+    ) -> None:
+        """`bf16=None` picks bf16 where a GPU supports it and fp32 otherwise (CPU)."""
+        import deepspeed
+
+        if zero_stage not in (1, 2, 3):
+            raise ValueError(f"zero_stage must be 1, 2 or 3 (the ZeRO optimizers detect non-finite gradients and "
+                             f"skip the step; stage 0 does not), got {zero_stage}")
+        if micro_batch_tokens < 1:
+            raise ValueError(f"micro_batch_tokens must be >= 1, got {micro_batch_tokens}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        dist_env.init_distributed()
+        if bf16 is None:
+            bf16 = dist_env.on_gpu() and torch.cuda.is_bf16_supported()
+        self.zero_stage = zero_stage
+        self.bf16 = bool(bf16)
+        self.micro_batch_tokens = micro_batch_tokens
+        self.temperature = temperature
+        self.logprob_chunk_size = logprob_chunk_size
+        self.track_entropy = track_entropy
+        self.lora = lora_rank > 0
+        self.nonfinite_in_a_row = 0
+        self.updates = 0  # optimizer steps applied
+
+        config = hf_model(model).config
+        self._image_token_id = getattr(config, "image_token_id", None)
+        self._video_token_id = getattr(config, "video_token_id", None)
+        vision = getattr(config, "vision_config", None)
+        self._merge_size = int(getattr(vision, "spatial_merge_size", 2))
+
+        if freeze_vision:
+            freeze_vision_tower(model)
+        if self.lora:
+            model = apply_lora(model, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
+                               target_modules=lora_target_modules, exclude_vision=freeze_vision)
+        if gradient_checkpointing:
+            # Non-reentrant checkpointing needs no input grads, so it also works with frozen embeddings (LoRA).
+            hf_model(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+        optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(lr_schedule, warmup_steps, total_steps))
+        ds_config = build_ds_config(zero_stage=zero_stage, bf16=self.bf16, grad_clip=grad_clip,
+                                    user_config=deepspeed_config)
+        self.policy = model
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=_TokenLogprobs(model), optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
+        )
+        self.device = self.engine.device
+
+    # ------------------------------------------------------------------------------------------------ properties
+    @property
+    def hf_model(self) -> torch.nn.Module:
+        """The transformers model (base model under LoRA: adapters live in its linear layers)."""
+        return hf_model(self.policy)
+
+    @property
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    # ------------------------------------------------------------------------------------------------ forward passes
+    def _layout(self, batch: dict) -> BatchLayout:
+        return batch_layout(batch, image_token_id=self._image_token_id, video_token_id=self._video_token_id,
+                            merge_size=self._merge_size)
+
+    def _plan(self, batch: dict) -> tuple[list[MicroBatch], int]:
+        """This rank's micro-batches and the number of passes every rank makes (the largest count)."""
+        if batch["input_ids"].shape[0] == 0:
+            raise ValueError("empty policy batch: every rank needs at least one row")
+        plan = plan_micro_batches(batch["attention_mask"], self.micro_batch_tokens)
+        return plan, dist_env.all_reduce_max(len(plan), self._comm_device)
+
+    @property
+    def _comm_device(self) -> torch.device:
+        return self.device if dist_env.on_gpu() else torch.device("cpu")
+
+    def _to_device(self, part: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) for k, v in part.items()}
+
+    def _forward(self, inputs: dict, mask: torch.Tensor, entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Through the engine's forward: ZeRO counts micro-steps there (without it, ZeRO-3 overwrites the gradient
+        of the previous micro-batch instead of accumulating it)."""
+        if self.bf16 and "pixel_values" in inputs:
+            inputs = {**inputs, "pixel_values": inputs["pixel_values"].to(torch.bfloat16)}
+        # Entropy under ZeRO-3 is off: token_logprobs reads the partitioned lm_head weight directly for it.
+        entropy = entropy and self.zero_stage != 3
+        return self.engine(inputs, mask, entropy, self.temperature, self.logprob_chunk_size)
+
+    @torch.no_grad()
+    def compute_logprobs(self, batch: dict, *, adapters: bool = True) -> torch.Tensor:
+        """log p(input_ids[t] | <t) as fp32 `[B, L]` on the batch's device, on completion tokens (0 elsewhere).
+
+        This is old_logp for the first update on a batch. `adapters=False` (LoRA only) gives the base model's
+        log-probs: the reference policy for a KL term, at no extra memory.
+        """
+        if not adapters and not self.lora:
+            raise ValueError("compute_logprobs(adapters=False) needs a LoRA learner; without adapters there is no "
+                             "reference policy inside the learner")
+        layout, (plan, passes) = self._layout(batch), self._plan(batch)
+        out = torch.zeros(batch["input_ids"].shape, dtype=torch.float32, device=batch["input_ids"].device)
+        self.engine.eval()
+        ctx = self.policy.disable_adapter() if not adapters else contextlib.nullcontext()
+        with ctx:
+            for i in range(passes):
+                mb = plan[min(i, len(plan) - 1)]
+                part = self._to_device(slice_batch(batch, mb, layout))
+                mask = part.pop("completion_mask", None)
+                logp, _ = self._forward(part, mask, entropy=False)
+                if i < len(plan):
+                    out[mb.rows.to(out.device), mb.col_start:mb.col_end] = logp.float().to(out.device)
+        return out
+
+    # ------------------------------------------------------------------------------------------------ the update
+    def update(
+        self,
+        batch: dict,
+        old_logp: torch.Tensor,
+        advantages: torch.Tensor,
+        loss_name: str,
+        loss_hparams: dict[str, Any] | None = None,
+        *,
+        rollout_logp: torch.Tensor | None = None,
+        tis_cap: float | None = None,
+        kl_coef: float = 0.0,
+        ref_logp: torch.Tensor | None = None,
+        kl_estimator: str = "k3",
+    ) -> dict[str, float]:
+        """One optimizer step on this rank's share of a mini-batch; returns global (all-rank) metrics.
+
+        `old_logp`, `rollout_logp`, `ref_logp` and per-token `advantages` are `[B, L]`, aligned with
+        `batch["input_ids"]`; `advantages` may also be `[B]`. `rollout_logp` adds the train/rollout mismatch metrics
+        and, with `tis_cap`, multiplies the advantages by the truncated importance weight min(pi_old/pi_rollout, cap).
+        """
+        t0 = time.perf_counter()
+        hparams = dict(loss_hparams or {})
+        loss_fn = get_policy_loss(loss_name)
+        mode = policy_loss_aggregation(loss_name)
+        max_length = hparams.get("max_length", _default(loss_fn, "max_length"))
+        mask_full = _completion_mask(batch)
+        shape = tuple(mask_full.shape)
+        _check_shape("old_logp", old_logp, shape)
+        if advantages.dim() == 1:
+            if advantages.shape[0] != shape[0]:
+                raise ValueError(f"advantages has {advantages.shape[0]} rows, the batch {shape[0]}")
+            advantages = advantages[:, None].expand(shape)
+        _check_shape("advantages", advantages, shape)
+        if kl_coef > 0:
+            if ref_logp is None:
+                raise ValueError("kl_coef > 0 needs ref_logp")
+            _check_shape("ref_logp", ref_logp, shape)
+        adv = advantages.float()
+        sums: dict[str, float] = {}  # weighted sums: by the loss's aggregation weight, or by tokens (per_token)
+        maxes: dict[str, float] = {}
+        per_token = {"entropy"}
+        if rollout_logp is not None:
+            _check_shape("rollout_logp", rollout_logp, shape)
+            n_tok = float(mask_full.sum())
+            for k, v in mismatch_metrics(old_logp, rollout_logp, mask_full).items():
+                if k.endswith("_max"):
+                    maxes[k] = v
+                else:
+                    sums[k] = v * n_tok
+                    per_token.add(k)
+            if tis_cap is not None:
+                w = truncated_is_weight(old_logp, rollout_logp, tis_cap)
+                adv = adv * w
+                valid = mask_full.bool()
+                sums["tis_weight_mean"] = float(torch.where(valid, w, 0.0).sum())
+                sums["tis_capped_frac"] = float((valid & (w >= tis_cap)).sum())
+                per_token |= {"tis_weight_mean", "tis_capped_frac"}
+        elif tis_cap is not None:
+            raise ValueError("tis_cap needs rollout_logp")
+
+        layout, (plan, passes) = self._layout(batch), self._plan(batch)
+        local_weight = aggregation_weight(mode, mask_full)
+        local_tokens = float(mask_full.sum())
+        local_attended = float(sum(int(batch["attention_mask"][mb.rows].sum()) for mb in plan))
+        total_weight, total_tokens, total_attended = dist_env.all_reduce_sum(
+            [local_weight, local_tokens, local_attended], self._comm_device)
+        if total_weight == 0:
+            raise ValueError(f"update batch has no completion token on any rank (loss {loss_name!r}, "
+                             f"aggregation {mode!r}); nothing to learn from")
+        scale = dist_env.world_size() / total_weight
+        lr = self.lr
+
+        self.engine.train()
+        logp_full = torch.zeros(shape, dtype=torch.float32)
+        for i in range(passes):
+            real = i < len(plan)
+            mb = plan[min(i, len(plan) - 1)]
+            part = self._to_device(slice_batch(batch, mb, layout))
+            mask = part.pop("completion_mask")
+            rows, cols = mb.rows, mb.cols
+            old = old_logp[rows][:, cols].to(self.device).float()
+            a = adv[rows][:, cols].to(self.device)
+            logp, entropy = self._forward(part, mask, entropy=self.track_entropy)
+            loss, _ = loss_fn(logp.float(), old, a, mask, **hparams)
+            weight = aggregation_weight(mode, mask) if real else 0
+            total = loss
+            if kl_coef > 0:
+                ref = ref_logp[rows][:, cols].to(self.device).float()
+                kl = aggregate(kl_penalty(logp.float(), ref, mask, kl_estimator), mask, mode, max_length=max_length)
+                total = loss + kl_coef * kl
+                _add(sums, "kl", float(kl.detach()) * weight)
+            self.engine.backward(total * (weight * scale), scale_wrt_gas=False)
+            if not real:
+                continue
+            logp_full[rows[:, None], torch.arange(mb.col_start, mb.col_end)] = logp.detach().float().cpu()
+            _add(sums, "loss", float(total.detach()) * weight)
+            _add(sums, "policy_loss", float(loss.detach()) * weight)
+            if entropy is not None:
+                _add(sums, "entropy", float(torch.where(mask.bool(), entropy.detach().float(), 0.0).sum()))
+        # The loss's own metrics over the whole local batch at once: exact whatever their normaliser (tokens or
+        # sequences); across ranks they are weighted by tokens.
+        with torch.no_grad():
+            _, metrics = loss_fn(logp_full, old_logp.float().cpu(), adv.cpu(), mask_full.cpu(), **hparams)
+        for k, v in metrics.items():
+            if k.endswith("_max"):
+                maxes[k] = v
+            else:
+                sums[k] = v * local_tokens
+                per_token.add(k)
+        self.engine.step()
+        applied = bool(self.engine.was_step_applied())
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = float("nan") if grad_norm is None else float(grad_norm)
+        if applied and not math.isfinite(sums.get("loss", 0.0)):
+            raise RuntimeError("DeepSpeed applied a step although the loss was not finite; the NaN guard is broken")
+        self.nonfinite_in_a_row = 0 if applied else self.nonfinite_in_a_row + 1
+        self.updates += int(applied)
+        if not applied:
+            log.warning("non-finite loss or gradient: update skipped (%d in a row)", self.nonfinite_in_a_row)
+
+        out = self._reduce(sums, maxes, per_token, total_weight, total_tokens)
+        elapsed = time.perf_counter() - t0
+        out.update(grad_norm=grad_norm, lr=lr, skipped=float(not applied), nonfinite_in_a_row=self.nonfinite_in_a_row,
+                   tokens=total_tokens, micro_batches=float(passes), time_s=elapsed,
+                   learner_tokens_per_s=total_attended / elapsed if elapsed > 0 else 0.0)
+        return out
+
+    def _reduce(self, sums: dict[str, float], maxes: dict[str, float], per_token: set[str], total_weight: float,
+                total_tokens: float) -> dict[str, float]:
+        """Weighted sums and maxima over ranks -> means (per_token keys over tokens, the rest over loss weight)."""
+        keys = sorted(sums)
+        summed = dist_env.all_reduce_sum([sums[k] for k in keys], self._comm_device)
+        mkeys = sorted(maxes)
+        if mkeys and dist_env.world_size() > 1:
+            t = torch.tensor([maxes[k] for k in mkeys], dtype=torch.float64, device=self._comm_device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            maxes = dict(zip(mkeys, t.tolist()))
+        out = {k: v / (total_tokens if k in per_token else total_weight) for k, v in zip(keys, summed)}
+        out.update(maxes)
+        return out
+
+    # ------------------------------------------------------------------------------------------------ weights & state
+    def named_weights_for_rollout(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, full tensor) for every policy weight, LoRA merged; under ZeRO-3 all ranks must drain it."""
+        return named_full_weights(self.policy, zero3=self.zero_stage == 3)
+
+    def save_state(self, folder: str | Path) -> None:
+        """Model, optimizer and scheduler (DeepSpeed's files) plus the learner's counters; all ranks must call."""
+        self.engine.save_checkpoint(str(folder), tag=_DS_TAG, save_latest=False,
+                                    client_state={"learner": {"nonfinite_in_a_row": self.nonfinite_in_a_row,
+                                                              "updates": self.updates}})
+
+    def load_state(self, folder: str | Path) -> None:
+        path, client = self.engine.load_checkpoint(str(folder), tag=_DS_TAG, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {Path(folder) / _DS_TAG}")
+        state = (client or {}).get("learner", {})
+        self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
+        self.updates = int(state.get("updates", 0))
+
+
+# ---------------------------------------------------------------------------------------------------------- helpers
+class _TokenLogprobs(torch.nn.Module):
+    """The module DeepSpeed wraps: its forward is `token_logprobs` of the policy, so every pass runs through
+    `engine.forward` (ZeRO's per-forward bookkeeping) while the logits stay chunked."""
+
+    def __init__(self, policy: torch.nn.Module) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, inputs: dict, mask: torch.Tensor, entropy: bool, temperature: float,
+                chunk_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return token_logprobs(self.policy, inputs, temperature=temperature, chunk_size=chunk_size,
+                              return_entropy=entropy, completion_mask=mask)
+
+
+def _add(d: dict[str, float], key: str, value: float) -> None:
+    d[key] = d.get(key, 0.0) + value
+
+
+def _default(fn: Any, name: str) -> Any:
+    p = inspect.signature(fn).parameters.get(name)
+    return None if p is None or p.default is inspect.Parameter.empty else p.default
+
+
+def _completion_mask(batch: dict) -> torch.Tensor:
+    mask = batch.get("completion_mask")
+    if mask is None:
+        raise KeyError(f"policy batch has no 'completion_mask' (keys: {sorted(batch)}); build it with "
+                       f"build_policy_inputs")
+    return mask
+
+
+def _check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape} (aligned with batch['input_ids'])")

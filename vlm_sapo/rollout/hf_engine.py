@@ -1,0 +1,286 @@
+"""The transformers `generate` rollout engine: slow but exact, and able to sample from the learner's own module.
+
+Logprobs are recorded inside generate by a logits processor that runs before temperature / top-k / top-p: it keeps
+log_softmax(raw logits / T) of the step, reads off the sampled token's entry at the next step, and only then bans
+the vision / unused tokens. So the reported logprobs are the temperature-only, full-vocabulary ones of
+`vlm_sapo.rollout.types` (no [steps, batch, vocab] tensor is ever held, unlike `output_logits=True`).
+
+The checkpoint's `generation_config` (Qwen ships repetition_penalty, top_k, temperature there) is swapped for a
+neutral one during each call, so sampling is exactly `SamplingConfig` and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from vlm_sapo.data.prompts import RenderedPrompt, prompt_model_inputs
+from vlm_sapo.models.logprobs import unwrap_causal_lm
+from vlm_sapo.rollout.tokens import banned_token_ids, model_vocab_size, stop_token_ids
+from vlm_sapo.rollout.types import (
+    Completion,
+    RolloutEngineError,
+    Rollouts,
+    RolloutTiming,
+    SamplingConfig,
+)
+from vlm_sapo.rollout.weight_names import ParameterNames, checked_weights, parameter_names, require_complete
+
+_TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
+_VISION_KEYS = ("pixel_values", "image_grid_thw")
+
+
+def collate_left(rows: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad single-prompt processor outputs into one batch (generate appends on the right).
+
+    Vision tensors are concatenated in row order, which is how Qwen-VL matches images to image tokens.
+    """
+    width = max(int(r["input_ids"].shape[-1]) for r in rows)
+    out: dict[str, torch.Tensor] = {}
+    for key in _TOKEN_KEYS:
+        if key not in rows[0]:
+            raise ValueError(f"processor output lacks {key!r} (keys: {sorted(rows[0])})")
+        fill = pad_id if key == "input_ids" else 0
+        batch = torch.full((len(rows), width), fill, dtype=rows[0][key].dtype)
+        for b, r in enumerate(rows):
+            x = r[key].reshape(-1)
+            batch[b, width - len(x) :] = x
+        out[key] = batch
+    for key in _VISION_KEYS:
+        parts = [r[key] for r in rows if r.get(key) is not None]
+        if parts:
+            out[key] = torch.cat(parts, dim=0)
+    unknown = {k for r in rows for k in r} - set(_TOKEN_KEYS) - set(_VISION_KEYS)
+    if unknown:
+        raise ValueError(f"processor output has keys the hf engine does not know how to batch: {sorted(unknown)}")
+    return out
+
+
+class _TemperatureLogprobs:
+    """Logits processor: records log_softmax(raw / T) of each sampled token, then bans `banned` ids."""
+
+    def __init__(self, temperature: float, banned: torch.Tensor):
+        self.temperature = temperature
+        self.banned = banned
+        self.prev: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.prev is not None:  # the token sampled at the previous step is now the last input id
+            self.steps.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.prev = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        self.stamps.append(time.perf_counter())
+        scores = scores.clone()
+        scores[:, self.banned.to(scores.device)] = float("-inf")
+        return scores
+
+    def logprobs(self, completion_ids: torch.Tensor) -> torch.Tensor:
+        if self.prev is None:
+            raise RuntimeError("generate produced no token")
+        last = self.prev.gather(1, completion_ids[:, -1:]).squeeze(1)
+        out = torch.stack([*self.steps, last], dim=1)
+        if out.shape != completion_ids.shape:
+            raise RuntimeError(f"recorded {out.shape[1]} logprob steps for {completion_ids.shape[1]} generated tokens")
+        return out
+
+
+class _StopStrings:
+    """Stopping criterion on the completion text only (as vLLM does), remembering where each row stopped."""
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str], prompt_len: int):
+        self.tokenizer = tokenizer
+        self.stops = list(stops)
+        self.prompt_len = prompt_len
+        # A stop string of c characters spans at most ~4c byte-level tokens; the window is generous on purpose.
+        self.window = 8 * max(len(s) for s in stops) + 16
+        self.hit_at: dict[int, int] = {}  # row -> completion length when a stop string was completed
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        length = input_ids.shape[1] - self.prompt_len
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        start = max(self.prompt_len, input_ids.shape[1] - self.window)
+        tails = input_ids[:, start:].tolist()
+        for r, tail in enumerate(tails):
+            if r not in self.hit_at:
+                text = self.tokenizer.decode(tail, skip_special_tokens=True)
+                if any(s in text for s in self.stops):
+                    self.hit_at[r] = length
+            done[r] = r in self.hit_at
+        return done
+
+
+class HFRolloutEngine:
+    """`RolloutEngine` on a transformers Qwen-VL model.
+
+    `model` may be the learner's own module (no copy: then `update_weights` only checks names, since every tensor
+    is already in place) or a separate copy (`from_pretrained`). `max_batch_prompts` bounds how many prompts (each
+    repeated n times) go through one generate call; None puts all of them in one.
+    """
+
+    name = "hf"
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        *,
+        max_batch_prompts: int | None = None,
+        extra_banned_ids: Iterable[int] = (),
+    ):
+        if max_batch_prompts is not None and max_batch_prompts < 1:
+            raise ValueError(f"max_batch_prompts must be >= 1 or None, got {max_batch_prompts}")
+        self.model = unwrap_causal_lm(model)
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.max_batch_prompts = max_batch_prompts
+        self.stop_ids = stop_token_ids(self.tokenizer, getattr(self.model, "generation_config", None))
+        vocab = model_vocab_size(self.model.config)
+        self.banned_ids = banned_token_ids(self.tokenizer, vocab, extra_banned_ids)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
+        self.label = f"hf engine ({getattr(self.model, 'name_or_path', '') or type(self.model).__name__})"
+        self.weight_version = 0
+        self._names: ParameterNames | None = None
+        self._closed = False
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, processor: Any = None, *, dtype: str = "auto", device: str | None = None,
+        **kwargs: Any,
+    ) -> HFRolloutEngine:
+        """An engine with its own copy of the checkpoint (then `update_weights` copies tensors into it)."""
+        from vlm_sapo.models.loading import load_policy, load_processor
+
+        model = load_policy(path, dtype=dtype, device=device)  # type: ignore[arg-type]
+        return cls(model, processor if processor is not None else load_processor(path), **kwargs)
+
+    # -- generation ---------------------------------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[RenderedPrompt], n: int, sampling: SamplingConfig) -> Rollouts:
+        if self._closed:
+            raise RolloutEngineError(f"{self.label} is closed")
+        if n < 1:
+            raise ValueError(f"n (samples per prompt) must be >= 1, got {n}")
+        t0 = time.perf_counter()
+        step = self.max_batch_prompts or max(len(prompts), 1)
+        completions: list[Completion] = []
+        prompt_tokens = 0
+        for start in range(0, len(prompts), step):
+            chunk = list(prompts[start : start + step])
+            done, tokens = self._generate_chunk(chunk, start, n, sampling, t0)
+            completions += done
+            prompt_tokens += tokens
+        seconds = time.perf_counter() - t0
+        timing = RolloutTiming(seconds, prompt_tokens, sum(len(c.completion_ids) for c in completions))
+        return Rollouts(completions, n, timing, self.name, self.weight_version, sampling)
+
+    def _generate_chunk(
+        self, prompts: list[RenderedPrompt], first_index: int, n: int, sampling: SamplingConfig, t0: float
+    ) -> tuple[list[Completion], int]:
+        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+
+        per_prompt = [prompt_model_inputs(self.processor, p) for p in prompts]
+        device = next(self.model.parameters()).device
+        batch = collate_left([inp for inp in per_prompt for _ in range(n)], self.pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        prompt_len = int(batch["input_ids"].shape[1])
+
+        recorder = _TemperatureLogprobs(sampling.logprob_temperature, torch.tensor(self.banned_ids))
+        stops = _StopStrings(self.tokenizer, sampling.stop, prompt_len) if sampling.stop else None
+        config = GenerationConfig(
+            do_sample=not sampling.greedy,
+            temperature=None if sampling.greedy else sampling.temperature,
+            top_p=None if sampling.greedy else sampling.top_p,
+            top_k=None if sampling.greedy else (sampling.top_k_or_none or 0),  # None would mean transformers' 50
+            max_new_tokens=sampling.max_new_tokens,
+            eos_token_id=self.stop_ids,
+            pad_token_id=self.pad_id,
+            use_cache=True,
+        )
+        saved_config, was_training = self.model.generation_config, self.model.training
+        devices = [device] if device.type == "cuda" else []
+        try:
+            self.model.generation_config = GenerationConfig()  # nothing of the checkpoint's sampling defaults leaks
+            self.model.eval()
+            with torch.no_grad(), torch.random.fork_rng(devices=devices, enabled=sampling.seed is not None):
+                if sampling.seed is not None:
+                    torch.manual_seed(sampling.seed + first_index)
+                out = self.model.generate(
+                    **batch,
+                    generation_config=config,
+                    logits_processor=LogitsProcessorList([recorder]),
+                    stopping_criteria=StoppingCriteriaList([stops] if stops else []),
+                )
+        except Exception as err:
+            raise RolloutEngineError(f"{self.label}: generate failed on prompts "
+                                     f"{[p.id for p in prompts][:8]}: {type(err).__name__}: {err}") from err
+        finally:
+            self.model.generation_config = saved_config
+            self.model.train(was_training)
+
+        generated = out[:, prompt_len:]
+        logprobs = recorder.logprobs(generated).cpu()
+        rows = generated.tolist()
+        stop_set = set(self.stop_ids)
+        completions = []
+        for r, ids in enumerate(rows):
+            p, k = divmod(r, n)
+            end = next((j + 1 for j, t in enumerate(ids) if t in stop_set), None)
+            if stops is not None and r in stops.hit_at:
+                end = min(end or len(ids), stops.hit_at[r])
+            if end is None:
+                if len(ids) != sampling.max_new_tokens:
+                    raise RolloutEngineError(f"{self.label}: row {r} neither stopped nor reached max_new_tokens "
+                                             f"({len(ids)} of {sampling.max_new_tokens} tokens)")
+                end, reason = len(ids), "length"
+            else:
+                reason = "stop"
+            lp = logprobs[r, :end].contiguous()
+            if not torch.isfinite(lp).all():
+                raise RolloutEngineError(f"{self.label}: non-finite logprob in sample {prompts[p].id!r} "
+                                         "(NaN/inf weights or logits?)")
+            completions.append(Completion(
+                prompt_index=first_index + p,
+                sample_index=k,
+                sample_id=prompts[p].id,
+                prompt_ids=per_prompt[p]["input_ids"][0].tolist(),
+                completion_ids=ids[:end],
+                logprobs=lp,
+                finish_reason=reason,
+                text=self.tokenizer.decode(ids[:end], skip_special_tokens=True),
+                finish_s=recorder.stamps[end - 1] - t0,
+            ))
+        return completions, sum(int(x["input_ids"].shape[-1]) for x in per_prompt)
+
+    # -- weights and lifecycle ------------------------------------------------------------------------------------
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy every parameter into the model (skipped for tensors that already are the model's own storage)."""
+        if self._closed:
+            raise RolloutEngineError(f"{self.label} is closed")
+        if self._names is None:
+            self._names = parameter_names(self.model)
+        targets = dict(self.model.named_parameters(remove_duplicate=False))
+        targets.update(self.model.named_buffers())
+        seen: set[int] = set()
+        with torch.no_grad():
+            for name, tensor in checked_weights(named_tensors, self._names, seen, self.label):
+                target = targets[name]
+                if target.data_ptr() != tensor.data_ptr():
+                    target.copy_(tensor)
+        require_complete(self._names, seen, self.label, "The model now holds a mix of old and new weights.")
+        self.weight_version += 1
+
+    def sleep(self) -> None:
+        """No-op: the HF engine holds no cache between calls (the model may be the learner's)."""
+
+    def wake(self) -> None:
+        """No-op (see `sleep`)."""
+
+    def close(self) -> None:
+        self._closed = True
+        self.model = None

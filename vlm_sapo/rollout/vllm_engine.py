@@ -1,0 +1,344 @@
+"""The vLLM rollout engine, colocated in the trainer's process (in-process engine core, `uni` executor).
+
+Logprobs: vLLM's `raw_logprobs` are log_softmax(raw logits) at T = 1, and its `processed_logprobs` are taken after
+banned tokens and top-k / top-p truncation, so neither is the temperature-only distribution the learner scores. The
+engine therefore runs with `raw_logprobs` and divides the logits by T inside the model's own LogitsProcessor (its
+`scale`, set through `apply_model` before each call whose T changed) while vLLM samples at temperature 1: the sampled
+distribution is identical (softmax((z/T)/1) = softmax(z/T), with truncation and bans applied after as before), and
+the raw logprobs become log_softmax(z / T) over the full vocabulary (measured: within 2e-6 of an fp32 transformers
+forward with top_p=0.9 and bans active). Banned tokens go in as `logit_bias` -inf, applied after the logprobs.
+
+Weights: `collective_rpc("reload_weights", weights_iterator=...)` streams transformers-named tensors into the running
+engine (vLLM maps the names); then the prefix cache and the engine's encoder cache are reset (without the second,
+the next image request hits `Encoder cache miss` and the engine is dead). Any failure in vLLM marks the engine dead:
+every later call raises `RolloutEngineError` at once instead of hanging or sampling from half-loaded weights.
+
+Sleep mode (`sleep()` frees the KV cache and offloads weights, `wake()` restores them) exists on CUDA only; on CPU
+both are no-ops.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import logging
+import os
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from vlm_sapo.data.prompts import RenderedPrompt
+from vlm_sapo.rollout.tokens import banned_token_ids, stop_token_ids
+from vlm_sapo.rollout.types import Completion, RolloutEngineError, Rollouts, RolloutTiming, SamplingConfig
+from vlm_sapo.rollout.weight_names import ParameterNames, checked_weights, parameter_names, require_complete
+
+log = logging.getLogger(__name__)
+
+
+def _scale_logits(model: torch.nn.Module, temperature: float) -> int:
+    """Runs inside the vLLM worker: set every LogitsProcessor's scale to base / T. Returns how many it found."""
+    from vllm.model_executor.layers.logits_processor import LogitsProcessor
+
+    found = 0
+    for module in model.modules():
+        if isinstance(module, LogitsProcessor):
+            base = module.__dict__.setdefault("_vlm_sapo_base_scale", module.scale)
+            module.scale = base / temperature
+            found += 1
+    return found
+
+
+def _image_size_kwargs(processor: Any) -> dict[str, Any]:
+    """The processor's pixel budget, for vLLM's own HF processor (images are pre-resized, so this is a guard)."""
+    size = dict(processor.image_processor.size)
+    lo, hi = size.get("shortest_edge"), size.get("longest_edge")
+    return {"size": {"shortest_edge": int(lo), "longest_edge": int(hi)}} if lo and hi else {}
+
+
+class VLLMRolloutEngine:
+    """`RolloutEngine` on a real vLLM `LLM` built from a checkpoint folder.
+
+    `processor` must be the one the trainer renders prompts with (its pixel budget is passed to vLLM). `dtype`
+    "auto" means bf16 on CUDA and fp32 on CPU, like `load_policy` (vLLM's own "auto" downcasts fp32 checkpoints
+    to bf16, which moves logprobs by ~3e-3 from the fp32 learner's). CPU: the KV
+    cache gets `kv_cache_gib` and eager mode; CUDA: `gpu_memory_utilization`, CUDA graphs unless `enforce_eager`,
+    and sleep mode. `fp32_lm_head` computes vLLM's lm_head in fp32 (closer to the learner's fp32 log-softmax when
+    the model runs in bf16). `engine_kwargs` go to `vllm.LLM` last and override everything.
+    """
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        processor: Any,
+        *,
+        dtype: str = "auto",
+        max_model_len: int = 4096,
+        max_images_per_prompt: int = 1,
+        gpu_memory_utilization: float = 0.5,
+        kv_cache_gib: float = 1.0,
+        enforce_eager: bool | None = None,
+        sleep_mode: bool | None = None,
+        fp32_lm_head: bool = False,
+        seed: int = 0,
+        extra_banned_ids: Iterable[int] = (),
+        engine_kwargs: dict[str, Any] | None = None,
+    ):
+        if os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
+            raise ValueError("VLLMRolloutEngine runs the engine in-process (weights are streamed to it as tensors); "
+                             "unset VLLM_ENABLE_V1_MULTIPROCESSING or set it to 0")
+        from transformers import GenerationConfig
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        self.model_path = str(model_path)
+        self.label = f"vllm engine ({self.model_path})"
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.max_model_len = max_model_len
+        self.max_images_per_prompt = max_images_per_prompt
+        on_gpu = current_platform.is_cuda_alike()
+        self.sleep_mode = on_gpu if sleep_mode is None else sleep_mode
+        if self.sleep_mode and not current_platform.is_sleep_mode_available():
+            raise ValueError(f"sleep_mode=True but vLLM has no sleep mode on {current_platform.device_name}")
+        if dtype == "auto":  # as load_policy: vLLM's own "auto" would silently run an fp32 checkpoint in bf16
+            dtype = "bfloat16" if on_gpu else "float32"
+        kwargs: dict[str, Any] = {
+            "model": self.model_path,
+            "dtype": dtype,
+            "max_model_len": max_model_len,
+            "seed": seed,
+            "enforce_eager": (not on_gpu) if enforce_eager is None else enforce_eager,
+            "limit_mm_per_prompt": {"image": max_images_per_prompt, "video": 0},
+            "mm_processor_kwargs": _image_size_kwargs(processor),
+            "distributed_executor_backend": "uni",
+            "logprobs_mode": "raw_logprobs",
+            "disable_log_stats": False,  # per-request timestamps (RequestOutput.metrics) for finish_s
+            "enable_sleep_mode": self.sleep_mode,
+        }
+        if on_gpu:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        else:
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+        if fp32_lm_head:
+            kwargs["hf_overrides"] = {"head_dtype": "float32"}
+        kwargs.update(engine_kwargs or {})
+
+        self._dead: str | None = None
+        self._closed = False
+        self._asleep = False
+        self._logit_temperature: float | None = None
+        self._names: ParameterNames | None = None
+        self.weight_version = 0
+        t0 = time.perf_counter()
+        try:
+            self.llm = LLM(**kwargs)
+        except Exception as err:
+            raise RolloutEngineError(f"{self.label} failed to start: {type(err).__name__}: {err}") from err
+        self.startup_s = time.perf_counter() - t0
+        log.info("%s started in %.1f s", self.label, self.startup_s)
+
+        model_config = self.llm.llm_engine.model_config
+        try:
+            generation_config = GenerationConfig.from_pretrained(self.model_path)
+        except OSError:  # no generation_config.json: the tokenizer's eos and <|im_end|> still stop
+            generation_config = None
+        self.stop_ids = stop_token_ids(self.tokenizer, generation_config)
+        self.banned_ids = banned_token_ids(self.tokenizer, model_config.get_vocab_size(), extra_banned_ids)
+        self._ban_bias = {i: float("-inf") for i in self.banned_ids}
+        self._set_logit_temperature(1.0)
+
+    # -- state checks ------------------------------------------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise RolloutEngineError(f"{self.label} is closed")
+        if self._dead:
+            raise RolloutEngineError(f"{self.label} is dead ({self._dead}); build a new engine")
+        if self._asleep:
+            raise RolloutEngineError(f"{self.label} is asleep; call wake() first")
+
+    def _die(self, what: str, err: BaseException) -> RolloutEngineError:
+        self._dead = f"{what} failed: {type(err).__name__}: {err}"
+        return RolloutEngineError(f"{self.label}: {self._dead}; the engine is unusable, build a new one")
+
+    def _set_logit_temperature(self, temperature: float) -> None:
+        if temperature == self._logit_temperature:
+            return
+        try:
+            found = self.llm.apply_model(functools.partial(_scale_logits, temperature=temperature))
+        except Exception as err:
+            raise self._die("setting the logit temperature", err) from err
+        if not found or min(found) == 0:
+            raise RolloutEngineError(f"{self.label}: the model has no vLLM LogitsProcessor, so its logprobs cannot "
+                                     "be reported at the sampling temperature")
+        self._logit_temperature = temperature
+
+    # -- generation ---------------------------------------------------------------------------------------------
+
+    def _check_prompts(self, prompts: Sequence[RenderedPrompt], sampling: SamplingConfig) -> None:
+        for p in prompts:
+            if len(p.images) > self.max_images_per_prompt:
+                raise ValueError(f"prompt {p.id!r} has {len(p.images)} images; this engine was started with "
+                                 f"max_images_per_prompt={self.max_images_per_prompt}")
+            if p.num_prompt_tokens + sampling.max_new_tokens > self.max_model_len:
+                raise ValueError(f"prompt {p.id!r}: {p.num_prompt_tokens} prompt tokens + max_new_tokens "
+                                 f"{sampling.max_new_tokens} exceed max_model_len {self.max_model_len}")
+
+    def _sampling_params(self, sampling: SamplingConfig, n: int, prompt_index: int) -> Any:
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=n,
+            # Temperature lives in the logits scale (see module docstring); vLLM samples at 1, or greedily.
+            temperature=0.0 if sampling.greedy else 1.0,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k_or_none or 0,
+            max_tokens=sampling.max_new_tokens,
+            stop=list(sampling.stop) or None,
+            stop_token_ids=self.stop_ids,
+            logprobs=0,
+            # vLLM seeds the i-th sample of a request with seed + i: space prompts apart so none share a stream.
+            seed=None if sampling.seed is None else sampling.seed + prompt_index * n,
+            logit_bias=self._ban_bias,
+            detokenize=bool(sampling.stop),  # stop strings are matched on text; ids are decoded here anyway
+        )
+
+    def generate(self, prompts: Sequence[RenderedPrompt], n: int, sampling: SamplingConfig) -> Rollouts:
+        self._check_usable()
+        if n < 1:
+            raise ValueError(f"n (samples per prompt) must be >= 1, got {n}")
+        self._check_prompts(prompts, sampling)
+        self._set_logit_temperature(sampling.logprob_temperature)
+        requests = [
+            {"prompt": p.text, "multi_modal_data": {"image": list(p.images)}} if p.images else {"prompt": p.text}
+            for p in prompts
+        ]
+        # vLLM refuses n > 1 when greedy: then each prompt goes in n times with n = 1 (identical samples).
+        copies = n if sampling.greedy else 1
+        requests = [r for r in requests for _ in range(copies)]
+        params = [self._sampling_params(sampling, n // copies, i) for i in range(len(prompts)) for _ in range(copies)]
+        t0_mono, t0 = time.monotonic(), time.perf_counter()
+        try:
+            flat = self.llm.generate(requests, params, use_tqdm=False) if prompts else []
+        except ValueError as err:  # input validation: the engine is intact
+            raise RolloutEngineError(f"{self.label} rejected prompts {[p.id for p in prompts][:8]}: {err}") from err
+        except Exception as err:
+            raise self._die("generate", err) from err
+        seconds = time.perf_counter() - t0
+
+        completions: list[Completion] = []
+        for i, prompt in enumerate(prompts):
+            outs = flat[i * copies : (i + 1) * copies]
+            samples = [c for o in outs for c in sorted(o.outputs, key=lambda c: c.index)]
+            if len(samples) != n:
+                raise RolloutEngineError(f"{self.label}: prompt {prompt.id!r} came back with {len(samples)} of {n} "
+                                         "samples")
+            last_ts = max(getattr(o.metrics, "last_token_ts", 0.0) or 0.0 for o in outs)
+            finish_s = last_ts - t0_mono if last_ts > t0_mono else seconds
+            for k, sample in enumerate(samples):
+                completions.append(self._completion(prompt, i, k, list(outs[0].prompt_token_ids), sample, finish_s))
+        timing = RolloutTiming(
+            seconds, sum(len(flat[i * copies].prompt_token_ids) for i in range(len(prompts))),
+            sum(len(c.completion_ids) for c in completions),
+        )
+        return Rollouts(completions, n, timing, self.name, self.weight_version, sampling)
+
+    def _completion(
+        self, prompt: RenderedPrompt, i: int, k: int, prompt_ids: list[int], sample: Any, finish_s: float
+    ) -> Completion:
+        if sample.finish_reason not in ("stop", "length"):
+            raise RolloutEngineError(f"{self.label}: sample {k} of prompt {prompt.id!r} finished with "
+                                     f"{sample.finish_reason!r}")
+        ids = list(sample.token_ids)
+        if sample.logprobs is None or len(sample.logprobs) != len(ids):
+            raise RolloutEngineError(f"{self.label}: sample {k} of prompt {prompt.id!r} has no per-token logprobs")
+        logprobs = torch.tensor([step[t].logprob for step, t in zip(sample.logprobs, ids)], dtype=torch.float32)
+        if not torch.isfinite(logprobs).all():
+            raise RolloutEngineError(f"{self.label}: non-finite logprob in sample {k} of prompt {prompt.id!r} "
+                                     "(NaN/inf weights or logits?)")
+        return Completion(
+            prompt_index=i,
+            sample_index=k,
+            sample_id=prompt.id,
+            prompt_ids=prompt_ids,
+            completion_ids=ids,
+            logprobs=logprobs,
+            finish_reason=sample.finish_reason,
+            text=self.tokenizer.decode(ids, skip_special_tokens=True),
+            finish_s=finish_s,
+        )
+
+    # -- weights ------------------------------------------------------------------------------------------------
+
+    def _parameter_names(self) -> ParameterNames:
+        """The transformers model's parameter names, from a weightless (meta-device) instance of the checkpoint."""
+        if self._names is None:
+            from transformers import AutoConfig, AutoModelForImageTextToText
+
+            config = AutoConfig.from_pretrained(self.model_path)
+            with torch.device("meta"):
+                meta = AutoModelForImageTextToText.from_config(config)
+            self._names = parameter_names(meta)
+        return self._names
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Stream every parameter (transformers names) into the running engine, then drop its caches.
+
+        A partial update, an unknown name or a wrong shape is refused, and leaves the engine dead: vLLM has by then
+        reloaded some layers, and sampling from a half-updated model must not happen silently.
+        """
+        self._check_usable()
+        names = self._parameter_names()
+        seen: set[int] = set()
+        stream = checked_weights(named_tensors, names, seen, self.label)
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream})
+            require_complete(names, seen, self.label, "")
+            self.llm.reset_prefix_cache()
+            self.llm.llm_engine.reset_encoder_cache()
+        except Exception as err:
+            raise self._die("update_weights", err) from err
+        self._logit_temperature = None  # re-apply the logits scale on the next call, whatever reload did
+        self.weight_version += 1
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+
+    def sleep(self, level: int = 1) -> None:
+        """Free the KV cache and offload (level 1) or drop (level 2) the weights; a no-op without sleep mode (CPU)."""
+        self._check_usable()
+        if self.sleep_mode:
+            try:
+                self.llm.sleep(level=level)
+            except Exception as err:
+                raise self._die("sleep", err) from err
+            self._asleep = True
+
+    def wake(self) -> None:
+        if self._closed or self._dead:
+            self._check_usable()
+        if self.sleep_mode and self._asleep:
+            try:
+                self.llm.wake_up()
+            except Exception as err:
+                raise self._die("wake", err) from err
+        self._asleep = False
+
+    def close(self) -> None:
+        """Release the engine. The torch process group is left alone (the learner may share it)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            from vllm.distributed.parallel_state import destroy_model_parallel
+
+            del self.llm
+            destroy_model_parallel()
+        finally:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+

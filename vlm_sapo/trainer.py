@@ -1,0 +1,464 @@
+"""The RL loop: `vlm-sapo train RECIPE`.
+
+One step: take a batch of prompts (each task its share), roll out G completions per prompt, score them in the reward
+pool, compute group advantages, drop or resample groups whose rewards are all equal, compute old logprobs for every
+mini-batch with the learner before its first update, make K updates (the paper's off-policy setting), push the new
+weights into the rollout engine, log, checkpoint.
+
+What it simplifies, on purpose:
+- Data parallel ranks each take their own slice of the step's prompts (and all G samples of each), so group statistics
+  never cross ranks; logged reward metrics are rank 0's slice.
+- Old logprobs are always recomputed by the learner (exact for any number of mini-batches); the rollout engine's own
+  logprobs feed the train/rollout mismatch metrics and the optional truncated importance-sampling correction.
+- The transformers rollout backend generates with the learner's own module under ZeRO-1/2 (no copy, no sync); under
+  ZeRO-3 and with vLLM the engine holds its own weights and gets the learner's after every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vlm_sapo.algos import get_advantage_estimator, zero_variance_groups
+from vlm_sapo.checkpoint import export_hf, latest_valid_checkpoint, load_checkpoint, save_checkpoint
+from vlm_sapo.data import load_samples, prompt_model_inputs, render_prompt
+from vlm_sapo.data.loaders import DataError
+from vlm_sapo.data.mix import TaskMixSampler
+from vlm_sapo.data.prompts import PromptTooLongError, RenderedPrompt
+from vlm_sapo.data.sample import Sample
+from vlm_sapo.learner import Learner, dist_env
+from vlm_sapo.metrics_log import MetricsLog
+from vlm_sapo.models.loading import load_policy, load_processor, model_family
+from vlm_sapo.models.logprobs import build_policy_inputs
+from vlm_sapo.recipe import Recipe, dump_recipe
+from vlm_sapo.reward_pool import RewardPool, RewardSpec, ScoreResult
+from vlm_sapo.rollout import Rollouts, SamplingConfig
+from vlm_sapo.tasks import coord_system_for_family, default_reward_specs, get_task
+
+log = logging.getLogger(__name__)
+
+TINY_PREFIX = "tiny:"
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (repeated non-finite updates, a dead engine, no usable data); the message says why."""
+
+
+def resolve_model_path(path: str) -> str:
+    """`tiny:<family>` builds (once, cached) a tiny random Qwen-VL offline; anything else is returned as is."""
+    if not path.startswith(TINY_PREFIX):
+        return path
+    from vlm_sapo.models.tiny import build_tiny
+    from vlm_sapo.models.tokenizer import default_cache_dir
+
+    family = path[len(TINY_PREFIX):]
+    out = default_cache_dir() / "tiny" / family
+    if not (out / "config.json").is_file():
+        build_tiny(out, family=family)
+    return str(out)
+
+
+@dataclass
+class _Source:
+    samples: list[Sample]
+    task: str
+
+
+@dataclass
+class _Scored:
+    """One step's rollouts with their prompts, samples and scores (prompt-major, G per prompt)."""
+
+    prompts: list[RenderedPrompt]
+    samples: list[Sample]
+    rollouts: Rollouts
+    scores: list[ScoreResult]
+
+    @property
+    def rewards(self) -> torch.Tensor:
+        return torch.tensor([s.overall for s in self.scores], dtype=torch.float32).view(len(self.prompts), -1)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, *, resume: str | None = None):
+        self.recipe = r = recipe
+        dist_env.ensure_dist_env()
+        self.rank, self.world = dist_env.rank(), dist_env.world_size()
+        if r.data.prompts_per_step % self.world:
+            raise TrainingError(f"data.prompts_per_step ({r.data.prompts_per_step}) must be divisible by the number "
+                                f"of processes ({self.world})")
+        _seed_everything(r.seed + self.rank)
+        self.run_dir = Path(r.logging.dir.format(name=r.name))
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "recipe.yaml").write_text(dump_recipe(r))
+
+        self.model_path = resolve_model_path(r.model.path)
+        self.processor = load_processor(self.model_path, min_pixels=r.model.min_pixels, max_pixels=r.model.max_pixels,
+                                        trust_remote_code=r.model.trust_remote_code)
+        model = load_policy(self.model_path, dtype=r.model.dtype, attn_implementation=r.model.attn_implementation,
+                            trust_remote_code=r.model.trust_remote_code)
+        self.family = model_family(model.config)
+        self.patch_size = int(model.config.vision_config.patch_size)
+        self.coord_system = r.data.coord_system if r.data.coord_system != "auto" else coord_system_for_family(self.family)
+        self.pad_id = self.processor.tokenizer.pad_token_id
+
+        self.sources = [self._load_source(s) for s in r.data.train]
+        self.val_sources = [self._load_source(s) for s in r.data.val]
+        self.sampler = TaskMixSampler([len(s.samples) for s in self.sources], [s.weight for s in r.data.train],
+                                      seed=r.seed, shuffle=r.data.shuffle)
+        tasks = sorted({s.task for s in self.sources + self.val_sources})
+        specs = ([RewardSpec.coerce(f) for f in r.rewards.functions] if r.rewards.functions
+                 else default_reward_specs(tasks))
+        self.pool = RewardPool(specs, workers=r.rewards.workers, timeout_s=r.rewards.timeout_s)
+        self.pool.validate_tasks(tasks)
+        if r.eval.benchmarks:
+            raise TrainingError("eval.benchmarks needs the benchmark adapters of `vlm-sapo eval`, not available in "
+                                "this version; validate on your own rows with data.val")
+
+        self.loss_hparams = r.algorithm.loss.hparams()
+        if r.algorithm.loss.name == "drgrpo" and "max_length" not in self.loss_hparams:
+            self.loss_hparams["max_length"] = r.rollout.max_new_tokens  # the longest completion the rollout allows
+        self.advantage = get_advantage_estimator(r.algorithm.advantage.name)
+        self.learner = Learner(
+            model, zero_stage=r.learner.zero_stage, deepspeed_config=r.learner.deepspeed_config, lr=r.learner.lr,
+            lr_schedule=r.learner.lr_schedule, warmup_steps=r.learner.warmup_steps,
+            total_steps=r.learner.steps * r.algorithm.mini_batches, weight_decay=r.learner.weight_decay,
+            betas=r.learner.betas, grad_clip=r.learner.grad_clip, micro_batch_tokens=r.learner.micro_batch_tokens,
+            gradient_checkpointing=r.model.gradient_checkpointing, freeze_vision=r.model.freeze_vision_tower,
+            lora_rank=r.model.lora.rank if r.model.lora else 0, lora_alpha=r.model.lora.alpha if r.model.lora else None,
+            lora_dropout=r.model.lora.dropout if r.model.lora else 0.0,
+            lora_target_modules=r.model.lora.target_modules if r.model.lora else None,
+            temperature=r.rollout.temperature, logprob_chunk_size=r.learner.logprob_chunk_size,
+        )
+        self.engine, self.engine_shares_weights = self._build_engine()
+        self.sampling = SamplingConfig(temperature=r.rollout.temperature, top_p=r.rollout.top_p, top_k=r.rollout.top_k,
+                                       max_new_tokens=r.rollout.max_new_tokens, stop=tuple(r.rollout.stop))
+
+        self.step = 0
+        self.dropped_prompts = 0
+        resume = resume if resume is not None else r.checkpoint.resume
+        ckpt = None
+        if resume == "auto":
+            ckpt = latest_valid_checkpoint(self.ckpt_root)
+        elif resume != "never":
+            ckpt = Path(resume)
+        if ckpt is not None:
+            state = load_checkpoint(self.learner, ckpt)
+            self.step = int(state["step"])
+            self.sampler.load_state_dict(state["sampler"])
+            self.dropped_prompts = int(state.get("dropped_prompts", 0))
+            self._sync_weights()
+            log.info("resumed from %s at step %d", ckpt, self.step)
+        self.metrics = MetricsLog(self.run_dir, tensorboard=r.logging.tensorboard, wandb=r.logging.wandb,
+                                  wandb_project=r.logging.wandb_project, config=r.model_dump(mode="json"),
+                                  resume_step=self.step) if self.rank == 0 else None
+
+    # ------------------------------------------------------------------------------------------------ set-up helpers
+    def _load_source(self, cfg: Any) -> _Source:
+        get_task(cfg.task)  # fail early, naming the task
+        d = self.recipe.data
+        result = load_samples(cfg.path, task=cfg.task, columns=cfg.columns or None, image_root=cfg.image_root,
+                              split=cfg.split, limit=cfg.limit, on_bad_row=d.on_bad_row,
+                              max_image_pixels=d.max_image_pixels, max_aspect_ratio=d.max_aspect_ratio)
+        for bad in result.skipped:
+            log.warning("skipped %s", bad)
+        if result.skipped:
+            log.warning("%s: %d bad row(s) skipped, %d usable", cfg.path, len(result.skipped), len(result.samples))
+        return _Source(result.samples, cfg.task)
+
+    def _build_engine(self) -> tuple[Any, bool]:
+        r = self.recipe
+        if r.rollout.backend == "hf":
+            from vlm_sapo.rollout.hf_engine import HFRolloutEngine
+
+            if r.learner.zero_stage < 3:
+                return HFRolloutEngine(self.learner.policy, self.processor), True
+            return HFRolloutEngine.from_pretrained(self.model_path, self.processor, dtype=r.model.dtype), False
+        from vlm_sapo.rollout.vllm_engine import VLLMRolloutEngine
+
+        max_len = r.rollout.max_model_len or r.data.max_prompt_tokens + r.rollout.max_new_tokens
+        return VLLMRolloutEngine(self.model_path, self.processor, dtype=r.model.dtype, max_model_len=max_len,
+                                 gpu_memory_utilization=r.rollout.gpu_memory_utilization,
+                                 kv_cache_gib=r.rollout.cpu_kvcache_gib, enforce_eager=r.rollout.enforce_eager or None,
+                                 seed=r.seed + self.rank), False
+
+    def _sync_weights(self) -> None:
+        if not self.engine_shares_weights:
+            self.engine.update_weights(self.learner.named_weights_for_rollout())
+
+    # ------------------------------------------------------------------------------------------------ one step
+    def _render(self, sample: Sample) -> tuple[RenderedPrompt, Sample] | None:
+        d = self.recipe.data
+        sample.meta = {**sample.meta, "coord_system": self.coord_system}
+        try:
+            rendered = render_prompt(self.processor, sample, instruction=get_task(sample.task).instruction_for(sample),
+                                     min_pixels=self.recipe.model.min_pixels, max_pixels=self.recipe.model.max_pixels,
+                                     image_patch_size=self.patch_size, max_prompt_tokens=d.max_prompt_tokens,
+                                     system=d.system_prompt)
+        except PromptTooLongError:
+            if d.on_long_prompt == "fail":
+                raise
+            self.dropped_prompts += 1
+            return None
+        meta = {**sample.meta, "model_input_size": rendered.model_input_sizes[0] if rendered.model_input_sizes else None,
+                "image_size": rendered.original_sizes[0] if rendered.original_sizes else None}
+        return rendered, Sample(sample.id, sample.task, sample.images, sample.question, sample.answer, meta)
+
+    def _next_prompts(self, count: int) -> list[tuple[RenderedPrompt, Sample]]:
+        """`count` rendered prompts for this rank; prompts over the token limit are replaced by the next ones."""
+        out: list[tuple[RenderedPrompt, Sample]] = []
+        for _ in range(100):
+            if len(out) == count:
+                return out
+            need = (count - len(out)) * self.world
+            picks = self.sampler.next_batch(need)[self.rank :: self.world]
+            for src, row in picks:
+                got = self._render(self.sources[src].samples[row])
+                if got is not None:
+                    out.append(got)
+        raise TrainingError(f"could not fill a batch of {count} prompts: {self.dropped_prompts} prompts were longer "
+                            f"than data.max_prompt_tokens ({self.recipe.data.max_prompt_tokens})")
+
+    def _rollout_and_score(self, pairs: list[tuple[RenderedPrompt, Sample]], n: int,
+                           sampling: SamplingConfig) -> _Scored:
+        prompts = [p for p, _ in pairs]
+        samples = [s for _, s in pairs]
+        rollouts = self.engine.generate(prompts, n=n, sampling=sampling)
+        items = [(samples[c.prompt_index].id, samples[c.prompt_index].task, c.text, samples[c.prompt_index].answer,
+                  samples[c.prompt_index].meta) for c in rollouts.completions]
+        return _Scored(prompts, samples, rollouts, self.pool.score(items))
+
+    def _collect(self, timer: dict[str, float]) -> tuple[_Scored, list[_Scored]]:
+        """Roll out and score until enough groups with reward variance are kept (DAPO's dynamic sampling)."""
+        r = self.recipe
+        want = r.data.prompts_per_step // self.world
+        g = r.rollout.n
+        rounds, kept_prompts, all_rounds = 0, 0, []
+        kept: list[_Scored] = []
+        while True:
+            t0 = time.perf_counter()
+            scored = self._rollout_and_score(self._next_prompts(want - kept_prompts), g, self.sampling)
+            timer["rollout_and_reward"] = timer.get("rollout_and_reward", 0.0) + time.perf_counter() - t0
+            all_rounds.append(scored)
+            if r.algorithm.zero_variance_groups == "keep":
+                keep = torch.ones(len(scored.prompts), dtype=torch.bool)
+            else:
+                keep = ~zero_variance_groups(scored.rewards, g)
+            kept.append(_subset(scored, keep, g))
+            kept_prompts += int(keep.sum())
+            rounds += 1
+            done = kept_prompts >= want or r.algorithm.zero_variance_groups != "resample"
+            if done or rounds > r.algorithm.max_resample_rounds:
+                break
+        merged = _concat(kept, g)
+        return merged, all_rounds
+
+    def _policy_batch(self, scored: _Scored, rows: list[int]) -> tuple[dict, torch.Tensor]:
+        """Model inputs for the completions `rows` (flat indices), and the rollout engine's logprobs aligned to them."""
+        g = scored.rollouts.group_size
+        inputs_by_prompt: dict[int, dict] = {}
+        prompt_inputs, completion_ids = [], []
+        for k in rows:
+            p = k // g
+            if p not in inputs_by_prompt:
+                inputs_by_prompt[p] = prompt_model_inputs(self.processor, scored.prompts[p])
+            prompt_inputs.append(inputs_by_prompt[p])
+            completion_ids.append(scored.rollouts.completions[k].completion_ids)
+        batch = build_policy_inputs(prompt_inputs, completion_ids, self.pad_id)
+        rollout_logp = torch.zeros(batch["input_ids"].shape, dtype=torch.float32)
+        for i, k in enumerate(rows):
+            start = int(batch["prompt_lengths"][i])
+            lp = scored.rollouts.completions[k].logprobs
+            rollout_logp[i, start : start + len(lp)] = lp
+        batch.pop("prompt_lengths")
+        return batch, rollout_logp
+
+    def train_step(self) -> tuple[dict[str, float], list[str]]:
+        """One RL step; returns its metrics and the ids of the samples it rolled out (in order)."""
+        r, timer = self.recipe, {}
+        t_step = time.perf_counter()
+        scored, all_rounds = self._collect(timer)
+        batch_ids = [s.id for part in all_rounds for s in part.samples]
+        metrics = _reward_metrics(all_rounds[0], self.pool)
+        metrics["batch/resample_rounds"] = float(len(all_rounds) - 1)
+        metrics["batch/groups_kept"] = float(len(scored.prompts))
+        metrics["data/dropped_long_prompts"] = float(self.dropped_prompts)
+        if not scored.prompts:
+            log.warning("step %d: every group had equal rewards; no update", self.step + 1)
+            metrics["batch/skipped_no_signal"] = 1.0
+            metrics["time/step"] = time.perf_counter() - t_step
+            return metrics | _phase_times(timer), batch_ids
+
+        g = r.rollout.n
+        adv = self.advantage(scored.rewards, g, **r.algorithm.advantage.hparams()).reshape(-1)
+        order = torch.randperm(len(adv), generator=torch.Generator().manual_seed(r.seed * 100003 + self.step)).tolist()
+        k = min(r.algorithm.mini_batches, len(order))
+        minis = [order[i::k] for i in range(k)]
+
+        t0 = time.perf_counter()
+        prepared = []
+        for rows in minis:  # every mini-batch's old logprobs before the first update: pi_old is this step's policy
+            batch, rollout_logp = self._policy_batch(scored, sorted(rows))
+            prepared.append((batch, rollout_logp, self.learner.compute_logprobs(batch), adv[sorted(rows)]))
+        timer["old_logprobs"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        updates = []
+        for batch, rollout_logp, old_logp, a in prepared:
+            m = self.learner.update(batch, old_logp, a, r.algorithm.loss.name, self.loss_hparams,
+                                    rollout_logp=rollout_logp, tis_cap=r.algorithm.tis_cap)
+            updates.append(m)
+            if self.learner.nonfinite_in_a_row >= r.learner.max_nonfinite_in_a_row:
+                ids = sorted({scored.samples[i].id for i in range(len(scored.samples))})
+                raise TrainingError(f"step {self.step + 1}: {self.learner.nonfinite_in_a_row} non-finite updates in "
+                                    f"a row (learner.max_nonfinite_in_a_row); batch sample ids: {ids}")
+        timer["update"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        self._sync_weights()
+        timer["weight_sync"] = time.perf_counter() - t0
+
+        for key in updates[0]:
+            vals = [u[key] for u in updates if key in u and math.isfinite(u[key])]
+            if vals:
+                metrics[f"train/{key}"] = max(vals) if key.endswith("_max") else sum(vals) / len(vals)
+        metrics["train/skipped_updates"] = float(sum(u["skipped"] for u in updates))
+        metrics.update(scored.rollouts.timing.as_metrics())
+        metrics["batch/advantage_abs_mean"] = float(adv.abs().mean())
+        metrics["time/step"] = time.perf_counter() - t_step
+        return metrics | _phase_times(timer), batch_ids
+
+    # ------------------------------------------------------------------------------------------------ validation
+    def validate(self) -> dict[str, float]:
+        """Greedy (eval.temperature) generation on data.val, scored by the same rewards as training."""
+        e = self.recipe.eval
+        if not self.val_sources:
+            return {}
+        sampling = SamplingConfig(temperature=e.temperature, max_new_tokens=e.max_new_tokens or self.sampling.max_new_tokens,
+                                  top_p=1.0, top_k=0, stop=self.sampling.stop)
+        out: dict[str, float] = {}
+        for src in self.val_sources:
+            pairs = [p for p in (self._render(s) for s in src.samples[: e.limit]) if p is not None]
+            if not pairs:
+                continue
+            scored = self._rollout_and_score(pairs, e.n, sampling)
+            task = get_task(src.task)
+            for key, value in _reward_metrics(scored, None).items():
+                out[f"val/{key.removeprefix('reward/')}"] = value
+            metric = [s.scores.get(f"{task.reward_name}/{task.metric}", 0.0) for s in scored.scores]
+            out[f"val/{src.task}/{task.metric}"] = sum(metric) / len(metric)
+        return out
+
+    # ------------------------------------------------------------------------------------------------ the run
+    def fit(self) -> Path:
+        from tqdm import tqdm
+
+        r = self.recipe
+        bar = tqdm(total=r.learner.steps, initial=self.step, desc=r.name, disable=not r.logging.progress or self.rank)
+        try:
+            while self.step < r.learner.steps:
+                metrics, batch_ids = self.train_step()
+                self.step += 1
+                last = self.step == r.learner.steps
+                if r.eval.every_steps and self.step % r.eval.every_steps == 0 or (last and r.eval.at_end):
+                    t0 = time.perf_counter()
+                    metrics.update(self.validate())
+                    metrics["time/validate"] = time.perf_counter() - t0
+                if r.checkpoint.every_steps and (self.step % r.checkpoint.every_steps == 0 or last):
+                    t0 = time.perf_counter()
+                    save_checkpoint(self.learner, self.ckpt_root, self.step,
+                                    {"step": self.step, "sampler": self.sampler.state_dict(),
+                                     "dropped_prompts": self.dropped_prompts, "recipe": r.name},
+                                    keep_last=r.checkpoint.keep_last)
+                    metrics["time/checkpoint"] = time.perf_counter() - t0
+                if self.metrics is not None:
+                    self.metrics.log(self.step, metrics, {"batch_ids": batch_ids})
+                bar.set_postfix(reward=f"{metrics.get('reward/overall', float('nan')):.3f}",
+                                step_s=f"{metrics['time/step']:.1f}")
+                bar.update(1)
+            if r.checkpoint.export_hf:
+                export_hf(self.learner, self.model_path, self.run_dir / "hf")
+        finally:
+            bar.close()
+            self.close()
+        return self.run_dir
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+        self.pool.close()
+        self.engine.close()
+
+
+# ---------------------------------------------------------------------------------------------------------- helpers
+def _subset(scored: _Scored, keep: torch.Tensor, g: int) -> _Scored:
+    idx = [i for i, k in enumerate(keep.tolist()) if k]
+    comps = [c for i in idx for c in scored.rollouts.groups()[i]]
+    return _Scored([scored.prompts[i] for i in idx], [scored.samples[i] for i in idx],
+                   _regroup(comps, scored.rollouts), [scored.scores[i * g + j] for i in idx for j in range(g)])
+
+
+def _concat(parts: list[_Scored], g: int) -> _Scored:
+    comps = [c for p in parts for c in p.rollouts.completions]
+    return _Scored([x for p in parts for x in p.prompts], [x for p in parts for x in p.samples],
+                   _regroup(comps, parts[0].rollouts), [x for p in parts for x in p.scores])
+
+
+def _regroup(comps: list, like: Rollouts) -> Rollouts:
+    """Completions renumbered prompt-major, keeping the timing of the rollouts they came from."""
+    from dataclasses import replace
+
+    g = like.group_size
+    renumbered = [replace(c, prompt_index=k // g, sample_index=k % g) for k, c in enumerate(comps)]
+    return Rollouts(renumbered, g, like.timing, like.engine, like.weight_version, like.sampling)
+
+
+def _reward_metrics(scored: _Scored, pool: RewardPool | None) -> dict[str, float]:
+    """Mean of every named score overall and per task, response lengths, finish reasons, reward-failure counters."""
+    out: dict[str, float] = {}
+    comps = scored.rollouts.completions
+    g = scored.rollouts.group_size
+    by_task: dict[str, list[int]] = {}
+    for k in range(len(comps)):
+        by_task.setdefault(scored.samples[k // g].task, []).append(k)
+    out["reward/overall"] = sum(s.overall for s in scored.scores) / max(len(scored.scores), 1)
+    for task, ks in by_task.items():
+        out[f"reward/{task}/overall"] = sum(scored.scores[k].overall for k in ks) / len(ks)
+        keys = sorted({key for k in ks for key in scored.scores[k].scores})
+        for key in keys:
+            vals = [scored.scores[k].scores[key] for k in ks if key in scored.scores[k].scores]
+            out[f"reward/{task}/{key}"] = sum(vals) / len(vals)
+    lengths = [len(c.completion_ids) for c in comps]
+    out["response/length_mean"] = sum(lengths) / max(len(lengths), 1)
+    out["response/length_max"] = float(max(lengths, default=0))
+    out["response/truncated_frac"] = sum(c.finish_reason == "length" for c in comps) / max(len(comps), 1)
+    out["batch/zero_variance_frac"] = float(zero_variance_groups(scored.rewards, g).float().mean()) if comps else 0.0
+    if pool is not None:
+        out.update({f"reward_pool/{k}": float(v) for k, v in pool.stats().items()})
+    return out
+
+
+def _phase_times(timer: dict[str, float]) -> dict[str, float]:
+    return {f"time/{k}": v for k, v in timer.items()}
+
+
+def train(recipe: Recipe, *, resume: str | None = None) -> Path:
+    try:
+        trainer = Trainer(recipe, resume=resume)
+    except (DataError, FileNotFoundError) as e:
+        raise TrainingError(str(e)) from e
+    return trainer.fit()

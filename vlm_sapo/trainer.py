@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -95,8 +96,10 @@ def _seed_everything(seed: int) -> None:
 class Trainer:
     def __init__(self, recipe: Recipe, *, resume: str | None = None):
         self.recipe = r = recipe
-        dist_env.ensure_dist_env()
+        dist_env.init_distributed()  # before reading rank and world size (a launcher may have set them)
         self.rank, self.world = dist_env.rank(), dist_env.world_size()
+        if torch.cuda.is_available():  # one GPU per rank: the policy, the learner and a colocated vLLM all use it
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if r.data.prompts_per_step % self.world:
             raise TrainingError(f"data.prompts_per_step ({r.data.prompts_per_step}) must be divisible by the number "
                                 f"of processes ({self.world})")

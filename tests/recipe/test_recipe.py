@@ -31,9 +31,7 @@ def _problems(data: dict) -> list[str]:
 @pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_validate_and_say_how_to_run(path: Path) -> None:
     first = path.read_text().splitlines()[0]
-    assert first.startswith("# ") and ("vlm-sapo" in first or "accelerate launch" in first or "deepspeed" in first), (
-        first
-    )
+    assert first.startswith("# ") and ("vlm-sapo train" in first or "vlm_sapo.cli train" in first), first
     assert path.name in first or path.name in path.read_text().splitlines()[1]
     load_recipe(path)
 

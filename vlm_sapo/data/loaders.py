@@ -18,6 +18,7 @@ import base64
 import binascii
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,10 +119,10 @@ def load_samples(
         raise ValueError(f"columns has unknown project fields {sorted(unknown)}; known: {list(FIELDS)} (or 'image')")
 
     src = Path(path)
-    if not src.exists():
+    if not src.exists() and not _HUB_ID.match(str(path)):
         raise DataError(f"data path not found: {src}")
     base = Path(os.path.abspath(image_root if image_root is not None else (src if src.is_dir() else src.parent)))
-    rows, schema = _open_rows(src, split)
+    rows, schema = _open_rows(src, split) if src.exists() else _hub_rows(str(path), split)
     if schema is not None:
         missing = [f"{field} -> '{col}'" for field, col in columns.items() if col not in schema]
         if missing:
@@ -267,6 +268,23 @@ def _check_image(ref: ImageRef, limits: dict[str, Any], checked: dict[Path, str 
 
 
 # ---- row sources -----------------------------------------------------------------------------------------------
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _hub_rows(repo_id: str, split: str | None) -> tuple[Iterator[_RawRow], set[str]]:
+    """A dataset on the Hugging Face hub (`owner/name`, `split` default "train"); images stay undecoded bytes."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(repo_id, split=split or "train")
+    except Exception as err:  # offline, unknown id, missing split: one clear message, not a stack of hub internals
+        offline = " (HF_HUB_OFFLINE is set: download it elsewhere and give its folder)" if os.environ.get(
+            "HF_HUB_OFFLINE", "0") not in ("0", "") else ""
+        raise DataError(f"{repo_id}: not a local path, and loading it from the hub failed{offline}: "
+                        f"{type(err).__name__}: {err}") from None
+    return _dataset_rows(ds, Path(repo_id))
 
 
 def _open_rows(src: Path, split: str | None) -> tuple[Iterator[_RawRow], set[str] | None]:

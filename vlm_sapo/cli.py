@@ -22,7 +22,7 @@ def _check_recipe(args: argparse.Namespace) -> int:
 def _init_tiny(args: argparse.Namespace) -> int:
     from vlm_sapo.models.tiny import build_tiny
 
-    out = build_tiny(args.out_dir, family=args.family, seed=args.seed)
+    out = build_tiny(args.out_dir, family=args.family, seed=args.seed, overwrite=args.overwrite)
     print(f"tiny {args.family} written to {out}")
     return 0
 
@@ -70,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init-tiny", help="build a tiny random Qwen-VL model folder offline (for tests and the demo)")
     p.add_argument("out_dir")
-    p.add_argument("--family", choices=["qwen2_5_vl", "qwen3_vl"], default="qwen2_5_vl")
+    p.add_argument("--family", choices=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"], default="qwen2_5_vl")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     p.set_defaults(fn=_init_tiny)
     return parser
 

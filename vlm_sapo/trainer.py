@@ -61,15 +61,13 @@ def resolve_model_path(path: str) -> str:
 
     import vlm_sapo.models.tiny as tiny
     import vlm_sapo.models.tokenizer as tok
-    from vlm_sapo.models.tiny import build_tiny
-    from vlm_sapo.models.tokenizer import default_cache_dir
 
     family = path[len(TINY_PREFIX):]
     # keyed by the builder's source, so a changed builder never serves a stale cached model
     digest = hashlib.sha256(Path(tiny.__file__).read_bytes() + Path(tok.__file__).read_bytes()).hexdigest()[:12]
-    out = default_cache_dir() / "tiny" / f"{family}-{digest}"
+    out = tok.default_cache_dir() / "tiny" / f"{family}-{digest}"
     if not (out / "config.json").is_file():
-        build_tiny(out, family=family)
+        tiny.build_tiny(out, family=family)
     return str(out)
 
 

@@ -18,7 +18,7 @@ from learner_batches import make_batch, make_learner, take_rows, weights  # noqa
 
 SHARES = ([0, 1, 2], [3, 4])
 ADV = torch.tensor([1.0, -0.5, 0.8, -1.2, 0.3])
-LEARNER = dict(zero_stage=2, lr=0.5, eps=1.0, betas=(0.9, 0.99), grad_clip=None, micro_batch_tokens=100)
+LEARNER = dict(zero_stage=2, lr=0.5, eps=1.0, betas=(0.9, 0.99), grad_clip=None, micro_batch_tokens=int(os.environ.get("MBT", 100)))
 LOSSES = ("sapo", "dapo")
 
 

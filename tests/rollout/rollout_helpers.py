@@ -8,8 +8,9 @@ from PIL import Image, ImageDraw
 
 from vlm_sapo.data import RenderedPrompt, Sample, prompt_model_inputs, render_prompt
 
-# Tiny Qwen2.5-VL pixel budget used for rendering (patch 14 x merge 2 = 28-pixel units).
-MIN_PIXELS, MAX_PIXELS, PATCH = 56 * 56, 12 * 28 * 28, 14
+# Pixel budgets used for rendering: (patch, min_pixels, max_pixels); image tokens are (w / 2p) * (h / 2p).
+QWEN25_PIXELS = (14, 56 * 56, 12 * 28 * 28)
+QWEN3_PIXELS = (16, 64 * 64, 12 * 32 * 32)
 
 
 def drawing(w: int, h: int, seed: int) -> Image.Image:
@@ -22,7 +23,7 @@ def drawing(w: int, h: int, seed: int) -> Image.Image:
     return img
 
 
-def render_test_prompts(processor) -> list[RenderedPrompt]:
+def render_test_prompts(processor, pixels: tuple[int, int, int] = QWEN25_PIXELS) -> list[RenderedPrompt]:
     """Three prompts of different lengths: two images of different sizes (so different image-token counts) and
     one text-only prompt."""
     samples = [
@@ -32,8 +33,9 @@ def render_test_prompts(processor) -> list[RenderedPrompt]:
                question="How many shapes are there? Think step by step, then answer.", answer="B"),
         Sample(id="text", task="math", images=[], question="What is 2 + 3?", answer="5"),
     ]
-    return [render_prompt(processor, s, instruction="Answer with one letter.", min_pixels=MIN_PIXELS,
-                          max_pixels=MAX_PIXELS, image_patch_size=PATCH, max_prompt_tokens=None) for s in samples]
+    patch, lo, hi = pixels
+    return [render_prompt(processor, s, instruction="Answer with one letter.", min_pixels=lo, max_pixels=hi,
+                          image_patch_size=patch, max_prompt_tokens=None) for s in samples]
 
 
 def forward_logprobs(model, processor, prompt: RenderedPrompt, completion_ids: list[int], temperature: float):

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from rollout_helpers import forward_logprobs, learner_logprobs, max_abs_diff
+from rollout_helpers import QWEN3_PIXELS, forward_logprobs, learner_logprobs, max_abs_diff, render_test_prompts
 
 from vlm_sapo.data import prompt_model_inputs
 from vlm_sapo.rollout import RolloutEngineError, SamplingConfig
@@ -175,3 +175,19 @@ def test_closed_engine_and_bad_arguments(model, tiny25_processor, test_prompts):
     engine.close()
     with pytest.raises(RolloutEngineError, match="hf engine .* is closed"):
         engine.generate(test_prompts, 1, SamplingConfig())
+
+
+def test_qwen3_vl_logprobs_equal_learner_recomputation(tiny_qwen3_dir):
+    from vlm_sapo.models.loading import load_policy, load_processor
+
+    processor = load_processor(tiny_qwen3_dir)
+    model = load_policy(tiny_qwen3_dir, dtype="float32", device="cpu")
+    prompts = render_test_prompts(processor, QWEN3_PIXELS)
+    ro = HFRolloutEngine(model, processor).generate(prompts, 2, SamplingConfig(temperature=0.9, top_p=0.8,
+                                                                                 max_new_tokens=6, seed=0))
+    for c in ro.completions:
+        p = prompts[c.prompt_index]
+        assert c.prompt_ids == prompt_model_inputs(processor, p)["input_ids"][0].tolist()
+        assert c.prompt_ids.count(IMAGE_PAD) == sum((w // 32) * (h // 32) for w, h in p.model_input_sizes)
+    ref = learner_logprobs(model, processor, prompts, ro, 0.9)
+    assert max_abs_diff([c.logprobs for c in ro.completions], ref) < 1e-4

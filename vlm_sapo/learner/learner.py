@@ -38,7 +38,7 @@ from vlm_sapo.algos import (
 )
 from vlm_sapo.learner import dist_env
 from vlm_sapo.learner.ds_config import build_ds_config
-from vlm_sapo.learner.lora import apply_lora, freeze_vision_tower
+from vlm_sapo.learner.lora import apply_lora, freeze_vision_tower, vision_tower
 from vlm_sapo.learner.micro_batches import BatchLayout, MicroBatch, batch_layout, plan_micro_batches, slice_batch
 from vlm_sapo.learner.optim import lr_multiplier, param_groups
 from vlm_sapo.learner.weights import hf_model, named_full_weights
@@ -121,8 +121,9 @@ class Learner:
         ds_config = build_ds_config(zero_stage=zero_stage, bf16=self.bf16, grad_clip=grad_clip,
                                     user_config=deepspeed_config)
         self.policy = model
+        wrapped = _TokenLogprobs(model, vision_dummy=_vision_dummy(config, torch.bfloat16 if self.bf16 else None))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=_TokenLogprobs(model), optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
+            model=wrapped, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
         )
         self.device = self.engine.device
 
@@ -162,7 +163,8 @@ class Learner:
             inputs = {**inputs, "pixel_values": inputs["pixel_values"].to(torch.bfloat16)}
         # Entropy under ZeRO-3 is off: token_logprobs reads the partitioned lm_head weight directly for it.
         entropy = entropy and self.zero_stage != 3
-        return self.engine(inputs, mask, entropy, self.temperature, self.logprob_chunk_size)
+        touch_vision = dist_env.world_size() > 1
+        return self.engine(inputs, mask, entropy, self.temperature, self.logprob_chunk_size, touch_vision)
 
     @torch.no_grad()
     def compute_logprobs(self, batch: dict, *, adapters: bool = True) -> torch.Tensor:
@@ -354,16 +356,61 @@ class Learner:
 # ---------------------------------------------------------------------------------------------------------- helpers
 class _TokenLogprobs(torch.nn.Module):
     """The module DeepSpeed wraps: its forward is `token_logprobs` of the policy, so every pass runs through
-    `engine.forward` (ZeRO's per-forward bookkeeping) while the logits stay chunked."""
+    `engine.forward` (ZeRO's per-forward bookkeeping) while the logits stay chunked.
 
-    def __init__(self, policy: torch.nn.Module) -> None:
+    With `touch_vision` (data-parallel), a micro-batch without images still runs the vision tower, on a blank
+    2x2-patch image, and adds 0 x its output to the result (an exact no-op), so that every rank makes the same
+    collective calls whether or not its micro-batch holds images: ZeRO-2 reduces the gradients of the parameters that
+    got one, ZeRO-3 gathers the parameters of each module that runs. The blank image runs where real images do,
+    right after the token-embedding lookup: ZeRO-2 packs gradients into its reduce buckets in the order autograd
+    finishes them, and a different order on two ranks would add up different parameters' gradients.
+    """
+
+    def __init__(self, policy: torch.nn.Module, vision_dummy: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         super().__init__()
         self.policy = policy
+        self.vision_dummy = vision_dummy
 
-    def forward(self, inputs: dict, mask: torch.Tensor, entropy: bool, temperature: float,
-                chunk_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return token_logprobs(self.policy, inputs, temperature=temperature, chunk_size=chunk_size,
-                              return_entropy=entropy, completion_mask=mask)
+    def forward(self, inputs: dict, mask: torch.Tensor, entropy: bool, temperature: float, chunk_size: int,
+                touch_vision: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        blank: list[torch.Tensor] = []
+        no_images = inputs.get("pixel_values") is None and inputs.get("pixel_values_videos") is None
+        handle = None
+        if touch_vision and no_images and self.vision_dummy is not None:
+            model = hf_model(self.policy)
+
+            def after_embedding(module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
+                if not blank:
+                    pixels, grid = (t.to(output.device) for t in self.vision_dummy)
+                    out = vision_tower(model)(pixels, grid_thw=grid)
+                    blank.append(0.0 * sum(t.float().sum() for t in _tensors(out)))
+
+            handle = model.get_input_embeddings().register_forward_hook(after_embedding)
+        try:
+            logp, ent = token_logprobs(self.policy, inputs, temperature=temperature, chunk_size=chunk_size,
+                                       return_entropy=entropy, completion_mask=mask)
+        finally:
+            if handle is not None:
+                handle.remove()
+        return (logp + blank[0] if blank else logp), ent
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    """Every tensor in a model output (tensor, tuple/list, or a dict-like ModelOutput)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    values = out.values() if hasattr(out, "values") else out if isinstance(out, (tuple, list)) else []
+    return [t for v in values for t in _tensors(v)]
+
+
+def _vision_dummy(config: Any, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A blank image of merge x merge patches in the vision tower's input layout (None for a text-only model)."""
+    vision = getattr(config, "vision_config", None)
+    if vision is None:
+        return None
+    merge = int(getattr(vision, "spatial_merge_size", 2))
+    dim = int(vision.in_channels) * int(vision.temporal_patch_size) * int(vision.patch_size) ** 2
+    return torch.zeros(merge * merge, dim, dtype=dtype or torch.float32), torch.tensor([[1, merge, merge]])
 
 
 def _add(d: dict[str, float], key: str, value: float) -> None:

@@ -151,13 +151,6 @@ def _logits_into(buf: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, 
     return out
 
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float):
-    logits = torch.nn.functional.linear(hidden, weight, bias).float()
-    if temperature != 1.0:
-        logits.div_(temperature)
-    return logits
-
-
 def _checkpointed_logprob(lm_head, hidden, targets, temperature, chunk_size, want_entropy):
     """Same values through the lm_head module itself, one torch.utils.checkpoint per chunk.
 
@@ -178,8 +171,8 @@ def _checkpointed_logprob(lm_head, hidden, targets, temperature, chunk_size, wan
         h, t = hidden[s : s + chunk_size], targets[s : s + chunk_size]
         out.append(checkpoint(chunk_fn, h, t, use_reentrant=False) if torch.is_grad_enabled() else chunk_fn(h, t))
         if want_entropy:
-            with torch.no_grad():
-                logits = _chunk_logits(h.detach(), lm_head.weight, lm_head.bias, temperature)
+            with torch.no_grad():  # through the module, so a partitioned weight is gathered here too
+                logits = lm_head(h.detach()).float() / temperature
                 ent.append(torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1))
     empty = hidden.new_zeros(0, dtype=torch.float32)
     return (torch.cat(out) if out else empty), (torch.cat(ent) if ent else empty)

@@ -75,8 +75,10 @@ class _TemperatureLogprobs:
             self.steps.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
         self.prev = torch.log_softmax(scores.float() / self.temperature, dim=-1)
         self.stamps.append(time.perf_counter())
-        scores = scores.clone()
-        scores[:, self.banned.to(scores.device)] = float("-inf")
+        if self.banned.device != scores.device:
+            self.banned = self.banned.to(scores.device)
+        scores = scores.clone()  # never write into the tensor generate handed us
+        scores[:, self.banned] = float("-inf")
         return scores
 
     def logprobs(self, completion_ids: torch.Tensor) -> torch.Tensor:

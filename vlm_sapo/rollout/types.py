@@ -34,7 +34,8 @@ class SamplingConfig:
 
     `top_k` 0 (or -1) and `top_p` 1.0 disable truncation. `stop` strings end a completion on the token that
     completes them (that token is kept); `<|im_end|>` and the checkpoint's eos ids always stop. `seed` makes a call
-    reproducible on one engine (each prompt gets its own stream); the two engines never draw the same samples.
+    reproducible on one engine (vLLM: one stream per prompt); the two engines never draw the same samples, and a
+    trainer should pass a different seed each step (or None) so steps do not repeat each other's draws.
     """
 
     temperature: float = 1.0

@@ -60,12 +60,14 @@ def _image_size_kwargs(processor: Any) -> dict[str, Any]:
 class VLLMRolloutEngine:
     """`RolloutEngine` on a real vLLM `LLM` built from a checkpoint folder.
 
-    `processor` must be the one the trainer renders prompts with (its pixel budget is passed to vLLM). `dtype`
-    "auto" means bf16 on CUDA and fp32 on CPU, like `load_policy` (vLLM's own "auto" downcasts fp32 checkpoints
-    to bf16, which moves logprobs by ~3e-3 from the fp32 learner's). CPU: the KV
-    cache gets `kv_cache_gib` and eager mode; CUDA: `gpu_memory_utilization`, CUDA graphs unless `enforce_eager`,
-    and sleep mode. `fp32_lm_head` computes vLLM's lm_head in fp32 (closer to the learner's fp32 log-softmax when
-    the model runs in bf16). `engine_kwargs` go to `vllm.LLM` last and override everything.
+    `processor` must be the one the trainer renders prompts with (its pixel budget is passed to vLLM).
+    `dtype` "auto" means bf16 on CUDA and fp32 on CPU, like `load_policy`: vLLM's own "auto" downcasts an fp32
+    checkpoint to bf16, which moved logprobs ~3e-3 away from the fp32 learner's (measured).
+    CPU: the KV cache gets `kv_cache_gib`, eager mode. CUDA: `gpu_memory_utilization`, CUDA graphs unless
+    `enforce_eager`, sleep mode. `fp32_lm_head` runs vLLM's lm_head matmul in fp32; the learner's `token_logprobs`
+    runs it in the model dtype and upcasts the logits, so the default (False) is the matching choice.
+    `engine_kwargs` go to `vllm.LLM` last (e.g. `distributed_executor_backend="external_launcher"` when several
+    trainer ranks each hold an engine); they may not change `logprobs_mode`.
     """
 
     name = "vllm"
@@ -126,6 +128,9 @@ class VLLMRolloutEngine:
         if fp32_lm_head:
             kwargs["hf_overrides"] = {"head_dtype": "float32"}
         kwargs.update(engine_kwargs or {})
+        if kwargs["logprobs_mode"] != "raw_logprobs":
+            raise ValueError("engine_kwargs may not change logprobs_mode: the engine's logprob definition relies on "
+                             "raw_logprobs (see vlm_sapo.rollout.vllm_engine)")
 
         self._dead: str | None = None
         self._closed = False
@@ -139,6 +144,11 @@ class VLLMRolloutEngine:
         except Exception as err:
             raise RolloutEngineError(f"{self.label} failed to start: {type(err).__name__}: {err}") from err
         self.startup_s = time.perf_counter() - t0
+        client = type(self.llm.llm_engine.engine_core).__name__
+        if client != "InprocClient":  # VLLM_ENABLE_V1_MULTIPROCESSING was read as 1 before we could set it
+            self.close()
+            raise RolloutEngineError(f"{self.label} started with a {client}, not in-process; set "
+                                     "VLLM_ENABLE_V1_MULTIPROCESSING=0 before vLLM is first used")
         log.info("%s started in %.1f s", self.label, self.startup_s)
 
         model_config = self.llm.llm_engine.model_config

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _check_recipe(args: argparse.Namespace) -> int:
@@ -38,14 +39,101 @@ def _train(args: argparse.Namespace) -> int:
     except RecipeError as e:
         print(e, file=sys.stderr)
         return 2
+    from vlm_sapo.reward_pool import RewardError
+    from vlm_sapo.rollout import RolloutEngineError
     from vlm_sapo.trainer import TrainingError, train
 
     try:
         run_dir = train(recipe, resume=args.resume)
-    except TrainingError as e:
+    except (TrainingError, RewardError, RolloutEngineError) as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return 1
     print(f"run finished: {run_dir}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import logging
+
+    from vlm_sapo.data import DataError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    model = args.model
+    if model.startswith("tiny:"):
+        from vlm_sapo.trainer import resolve_model_path
+
+        model = resolve_model_path(model)
+    from vlm_sapo.eval.harness import run_eval
+    from vlm_sapo.eval.report import console_report
+
+    out = args.out or str(Path("eval_results") / (Path(model).name or "model"))
+    try:
+        results = run_eval(
+            model, [b for b in args.benchmarks.split(",") if b.strip()], backend=args.backend, n=args.n,
+            temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+            max_prompt_tokens=args.max_prompt_tokens, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+            limit=args.limit, data_root=args.data_root, out_dir=out, seed=args.seed, dtype=args.dtype,
+            coord_system=args.coord_system, system=args.system, batch_prompts=args.batch_prompts,
+            reward_workers=args.reward_workers, reward_timeout_s=args.reward_timeout, kv_cache_gib=args.kv_cache_gib,
+            progress=not args.no_progress,
+        )
+    except (DataError, KeyError, ValueError, FileNotFoundError) as e:
+        print(f"eval failed: {e}", file=sys.stderr)
+        return 2
+    print(console_report(results.to_dict()), end="")
+    print(f"results written to {out}/ (results.json, results.md, predictions.jsonl, results.png)")
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    import logging
+
+    from vlm_sapo.data import DataError
+    from vlm_sapo.eval.harness import score_predictions
+    from vlm_sapo.eval.report import console_report
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    out = args.out or str(Path(args.predictions).with_suffix("")) + "_scored"
+    try:
+        results = score_predictions(args.predictions, args.benchmark, data_root=args.data_root,
+                                    coord_system=args.coord_system, min_pixels=args.min_pixels,
+                                    max_pixels=args.max_pixels, patch_size=args.patch_size, out_dir=out,
+                                    reward_workers=args.reward_workers, reward_timeout_s=args.reward_timeout)
+    except (DataError, KeyError, ValueError, FileNotFoundError) as e:
+        print(f"score failed: {e}", file=sys.stderr)
+        return 2
+    data = results.to_dict()
+    print(console_report(data), end="")
+    for name, bench in data["benchmarks"].items():
+        unknown, missing = bench["dropped"].get("unknown_ids", 0), bench["dropped"].get("missing_ids", 0)
+        if unknown:
+            print(f"{name}: {unknown} prediction id(s) are not in the benchmark (not scored), e.g. "
+                  f"{bench['unknown_ids'][:5]}", file=sys.stderr)
+        if missing:
+            print(f"{name}: {missing} benchmark sample(s) have no prediction (not scored), e.g. "
+                  f"{bench['missing_ids'][:5]}", file=sys.stderr)
+    other = data["settings"].get("rows_of_other_benchmarks", 0)
+    if other:
+        print(f"{other} row(s) of other benchmarks ignored", file=sys.stderr)
+    print(f"results written to {out}/")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from vlm_sapo.eval.report import compare_results, load_results, results_label
+
+    try:
+        a, b = load_results(args.results_a), load_results(args.results_b)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"compare failed: {e}", file=sys.stderr)
+        return 2
+    la, lb = results_label(args.results_a), results_label(args.results_b)
+    if la == lb:
+        la, lb = "A", "B"
+    table = compare_results(a, b, label_a=la, label_b=lb)
+    print(f"A = {args.results_a}\nB = {args.results_b}\n\n{table}", end="")
+    if args.out:
+        Path(args.out).write_text(table, encoding="utf-8")
     return 0
 
 
@@ -74,6 +162,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     p.set_defaults(fn=_init_tiny)
+
+    p = sub.add_parser("eval", help="evaluate a model on benchmarks with the training prompts and rewards")
+    p.add_argument("--model", required=True, help="model folder (an exported HF folder, `init-tiny`, or tiny:FAMILY)")
+    p.add_argument("--benchmarks", required=True, metavar="A,B",
+                   help="comma-separated: NAME, NAME=PATH_OR_HUB_ID, NAME:SPLIT, jsonl:[TASK:]PATH "
+                        "(geometry3k, mathvista, mathverse, mathvision, wemath, chartqa, refcoco, refcoco+, refcocog)")
+    p.add_argument("--data-root", help="folder holding benchmark folders (by name) and relative benchmark paths")
+    p.add_argument("--out", help="output folder (default eval_results/<model folder name>)")
+    p.add_argument("--limit", type=int, help="first N rows of each benchmark")
+    p.add_argument("--n", type=int, default=1, help="completions per question (pass@k, avg@K)")
+    p.add_argument("--backend", choices=["vllm", "hf"], default="vllm")
+    p.add_argument("--temperature", type=float, help="default: 0 (greedy) for --n 1, else 1.0")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--max-prompt-tokens", type=int, default=2048, help="longer prompts are counted, not evaluated")
+    p.add_argument("--min-pixels", type=int, help="image pixel budget (default: the processor's)")
+    p.add_argument("--max-pixels", type=int, help="image pixel budget (default: the processor's)")
+    p.add_argument("--coord-system", choices=["rel1000", "abs_resized", "abs_original"],
+                   help="grounding box units asked for (default: the model family's)")
+    p.add_argument("--system", help="system prompt (as data.system_prompt in training)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--batch-prompts", type=int, default=16, help="prompts per generate call")
+    p.add_argument("--reward-workers", type=int, default=2)
+    p.add_argument("--reward-timeout", type=float, default=10.0, help="seconds per reward call")
+    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="vLLM KV cache on CPU")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=_eval)
+
+    p = sub.add_parser("score", help="score predictions made elsewhere (JSON lines: id, completion) on a benchmark")
+    p.add_argument("predictions", help="JSON lines with `id` and `completion` (or `prediction`)")
+    p.add_argument("--benchmark", required=True, help="NAME, NAME=PATH_OR_HUB_ID, NAME:SPLIT or jsonl:[TASK:]PATH")
+    p.add_argument("--data-root")
+    p.add_argument("--out", help="output folder (default <predictions>_scored)")
+    p.add_argument("--coord-system", choices=["rel1000", "abs_resized", "abs_original"],
+                   help="grounding: box units of rows that do not say (no default: a guess would score all wrong)")
+    p.add_argument("--min-pixels", type=int, help="grounding abs_resized: the processor's pixel budget")
+    p.add_argument("--max-pixels", type=int, help="grounding abs_resized: the processor's pixel budget")
+    p.add_argument("--patch-size", type=int, default=14, help="grounding abs_resized: 14 (Qwen2/2.5-VL), 16 (Qwen3-VL)")
+    p.add_argument("--reward-workers", type=int, default=2)
+    p.add_argument("--reward-timeout", type=float, default=10.0)
+    p.set_defaults(fn=_score)
+
+    p = sub.add_parser("compare", help="side-by-side table of two evaluations, with deltas")
+    p.add_argument("results_a", help="results.json or the run folder holding it")
+    p.add_argument("results_b", help="results.json or the run folder holding it")
+    p.add_argument("--out", help="also write the table (markdown) to this file")
+    p.set_defaults(fn=_compare)
     return parser
 
 

@@ -16,6 +16,7 @@ What it simplifies, on purpose:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -258,7 +259,10 @@ class Trainer:
         kept: list[_Scored] = []
         while True:
             t0 = time.perf_counter()
-            scored = self._rollout_and_score(self._next_prompts(want - kept_prompts), g, self.sampling)
+            # a seed per (step, round, rank): a resumed run draws exactly the samples the uninterrupted run would
+            seed = ((r.seed * 1_000_003 + self.step) * 64 + rounds) * 1024 + self.rank
+            sampling = dataclasses.replace(self.sampling, seed=seed)
+            scored = self._rollout_and_score(self._next_prompts(want - kept_prompts), g, sampling)
             timer["rollout_and_reward"] = timer.get("rollout_and_reward", 0.0) + time.perf_counter() - t0
             all_rounds.append(scored)
             if r.algorithm.zero_variance_groups == "keep":

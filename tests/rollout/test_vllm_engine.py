@@ -44,9 +44,11 @@ def engine(model_dir, tiny25_processor):
     pytest.importorskip("vllm", reason="vLLM is not installed in this environment")
     from vlm_sapo.rollout.vllm_engine import VLLMRolloutEngine
 
+    threads = torch.get_num_threads()
     eng = VLLMRolloutEngine(model_dir, tiny25_processor, max_model_len=512, kv_cache_gib=1)
     yield eng
     eng.close()
+    assert torch.get_num_threads() == threads  # later tests in this process keep their threads
 
 
 def test_engine_settings(engine):

@@ -1,4 +1,4 @@
-"""What every rollout engine takes and returns: `SamplingConfig` in, `Rollouts` out, behind one `RolloutEngine` protocol.
+"""What every rollout engine takes and returns: `SamplingConfig` in, `Rollouts` out, one `RolloutEngine` protocol.
 
 The logprob definition both engines share (and the learner recomputes with `token_logprobs(..., temperature=T)`):
 

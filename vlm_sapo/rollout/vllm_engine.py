@@ -138,10 +138,12 @@ class VLLMRolloutEngine:
         self._logit_temperature: float | None = None
         self._names: ParameterNames | None = None
         self.weight_version = 0
+        self._torch_threads = torch.get_num_threads()  # vLLM sets 1 for the whole process on CPU; close() restores
         t0 = time.perf_counter()
         try:
             self.llm = LLM(**kwargs)
         except Exception as err:
+            torch.set_num_threads(self._torch_threads)
             raise RolloutEngineError(f"{self.label} failed to start: {type(err).__name__}: {err}") from err
         self.startup_s = time.perf_counter() - t0
         client = type(self.llm.llm_engine.engine_core).__name__
@@ -338,17 +340,18 @@ class VLLMRolloutEngine:
         self._asleep = False
 
     def close(self) -> None:
-        """Release the engine. The torch process group is left alone (the learner may share it)."""
+        """Release the engine and restore the torch thread count vLLM changed.
+
+        Beware: vLLM's engine shutdown (`EngineCore.shutdown` -> `cleanup_dist_env_and_memory`) destroys torch's
+        default process group even when the learner created it (measured with a gloo group of one rank): close the
+        engine after the learner is done with collectives, not to restart it mid-run.
+        """
         if self._closed:
             return
         self._closed = True
-        try:
-            from vllm.distributed.parallel_state import destroy_model_parallel
-
-            del self.llm
-            destroy_model_parallel()
-        finally:
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        del self.llm
+        gc.collect()  # runs vLLM's finalizer, i.e. the engine shutdown, now
+        torch.set_num_threads(self._torch_threads)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 

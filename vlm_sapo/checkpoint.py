@@ -7,7 +7,8 @@ checkpoint or a hidden temporary folder that nothing loads. `latest_valid_checkp
 back to the previous checkpoint, with a warning, when the newest is truncated or corrupt.
 
 A leaf module: the learner is passed in and used through `save_state(folder)`, `load_state(folder)`,
-`named_weights_for_rollout()` and `hf_model`; all ranks call save/load/export (they are collectives).
+`named_weights_for_rollout()` and `hf_model`. All ranks call save/load/export (they are collectives) and write into
+the same folder, so several nodes need a shared filesystem; rank 0 writes the manifest and renames.
 """
 
 from __future__ import annotations

@@ -167,7 +167,7 @@ class LearnerCfg(Strict):
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: PositiveFloat | None = 1.0
     micro_batch_tokens: PositiveInt = 8192
-    zero_stage: Literal[0, 1, 2, 3] = 2
+    zero_stage: Literal[1, 2, 3] = 2  # stage 0 has no non-finite step skip
     deepspeed_config: str | None = None  # a DeepSpeed JSON merged over the generated config
     max_nonfinite_in_a_row: PositiveInt = 3
     logprob_chunk_size: PositiveInt = 1024

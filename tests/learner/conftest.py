@@ -1,21 +1,22 @@
-"""Fixtures for the learner tests: a smaller-than-tiny Qwen2.5-VL (fast DeepSpeed steps) and a mixed policy batch."""
+"""Fixtures for the learner tests: smaller-than-tiny Qwen2.5-VL / Qwen3-VL (fast DeepSpeed steps), a mixed batch."""
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from learner_batches import build_small_qwen25, make_batch
-
-# DeepSpeed's ZeRO-3 calls the old collective names; the warning is theirs, not ours.
-warnings.filterwarnings("ignore", message=r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor).*")
+from learner_batches import build_small, make_batch
 
 
 @pytest.fixture(scope="session")
 def small_qwen25_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_small_qwen25(tmp_path_factory.mktemp("learner") / "small_qwen2_5_vl")
+    return build_small(tmp_path_factory.mktemp("learner") / "small_qwen2_5_vl", "qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
+def small_qwen3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_small(tmp_path_factory.mktemp("learner") / "small_qwen3_vl", "qwen3_vl")
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,8 @@
-"""Worker for test_two_process.py, run under `torchrun --nproc_per_node 2`: one update per loss on this rank's share.
+"""Worker for test_two_process.py, run under `torchrun --nproc_per_node 2`: one update per case on this rank's share.
 
-The shares are unequal on purpose (rank 0: rows 0-2, rank 1: rows 3-4, different token counts and micro-batch
-counts), so a learner that averaged per-rank means, or made unequal collective calls, would fail the comparison.
-Rank 0 writes `<out>/<loss>.pt` with the metrics and the updated weights.
+The shares are unequal on purpose (rank 0: rows 0-2 with the text-only row, rank 1: rows 3-4; different token,
+image and micro-batch counts), so a learner that averaged per-rank means, or made different collective calls on two
+ranks, fails the comparison (or hangs). Rank 0 writes `<out>/<loss>_zero<stage>.pt` with metrics and weights.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from learner_batches import make_batch, make_learner, take_rows, weights  # noqa
 
 SHARES = ([0, 1, 2], [3, 4])
 ADV = torch.tensor([1.0, -0.5, 0.8, -1.2, 0.3])
-LEARNER = dict(zero_stage=2, lr=0.5, eps=1.0, betas=(0.9, 0.99), grad_clip=None, micro_batch_tokens=int(os.environ.get("MBT", 100)))
-LOSSES = ("sapo", "dapo")
+CASES = (("sapo", 2), ("dapo", 3))  # a sequence-mean loss under ZeRO-2, a token-mean one under ZeRO-3
+# eps=1: Adam's update is ~ linear in the gradient, so a wrongly scaled gradient shows in the weights.
+LEARNER = dict(lr=0.5, eps=1.0, betas=(0.9, 0.99), grad_clip=None, micro_batch_tokens=100, logprob_chunk_size=4)
 
 
 def off_policy_old(learner, batch, rows: list[int]) -> torch.Tensor:
@@ -28,9 +29,9 @@ def off_policy_old(learner, batch, rows: list[int]) -> torch.Tensor:
     return (learner.compute_logprobs(batch) + 0.3 * noise) * batch["completion_mask"]
 
 
-def run_one(model_dir: Path, loss_name: str, rows: list[int]) -> tuple[dict, dict]:
+def run_one(model_dir: Path, loss_name: str, zero_stage: int, rows: list[int]) -> tuple[dict, dict]:
     batch = take_rows(make_batch(model_dir), rows, model_dir)
-    learner = make_learner(model_dir, **LEARNER)
+    learner = make_learner(model_dir, zero_stage=zero_stage, **LEARNER)
     old = off_policy_old(learner, batch, rows)
     metrics = learner.update(batch, old, ADV[rows], loss_name, {})
     return metrics, weights(learner)
@@ -40,10 +41,10 @@ def main() -> None:
     model_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
-    for loss_name in LOSSES:
-        metrics, w = run_one(model_dir, loss_name, SHARES[rank])
+    for loss_name, stage in CASES:
+        metrics, w = run_one(model_dir, loss_name, stage, SHARES[rank])
         if rank == 0:
-            torch.save({"metrics": metrics, "weights": w}, out / f"{loss_name}.pt")
+            torch.save({"metrics": metrics, "weights": w}, out / f"{loss_name}_zero{stage}.pt")
 
 
 if __name__ == "__main__":

@@ -23,18 +23,23 @@ ROWS = (
     (["test_2468.png", "test_2514.png"], "Which figure has the larger angle?", 9),
     (["test_2529.png"], "Find x.", 2),
 )
-# Small enough for fast tests: the Qwen2.5-VL tiny's own widths halved, vocabulary kept (the real Qwen2 one).
-SMALL_OVERRIDES = dict(
+# Small enough for fast tests: the tiny models' widths halved, vocabulary kept (the real Qwen2 one).
+_SMALL_COMMON = dict(
     hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
-    rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6},
     vision_hidden_size=32, vision_intermediate_size=64, vision_num_heads=2, vision_out_hidden_size=32,
 )
+SMALL_OVERRIDES = {
+    "qwen2_5_vl": dict(_SMALL_COMMON, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                                        "rope_theta": 1e6}),
+    "qwen3_vl": dict(_SMALL_COMMON, head_dim=16, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                                                  "mrope_interleaved": True, "rope_theta": 5e6}),
+}
 
 
-def build_small_qwen25(out_dir: Path) -> Path:
+def build_small(out_dir: Path, family: str = "qwen2_5_vl") -> Path:
     from vlm_sapo.models.tiny import build_tiny
 
-    return build_tiny(out_dir, "qwen2_5_vl", seed=0, **SMALL_OVERRIDES)
+    return build_tiny(out_dir, family, seed=0, **SMALL_OVERRIDES[family])
 
 
 @functools.lru_cache(maxsize=4)

@@ -47,6 +47,8 @@ def load_user_config(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"DeepSpeed config {p}: cannot parse: {e}") from e
     if not isinstance(data, dict):
         raise ValueError(f"DeepSpeed config {p}: expected a mapping at the top level, got {type(data).__name__}")
+    if isinstance(data.get("fp16"), dict) and data["fp16"].get("enabled"):
+        raise ValueError(f"DeepSpeed config {p}: fp16 is not supported by the learner; use bf16 (or fp32)")
     bad = [k for k in _FORBIDDEN if k in data]
     if bad:
         raise ValueError(f"DeepSpeed config {p}: keys {bad} are set by the learner (optimizer and schedule come "

@@ -7,8 +7,10 @@ Loss scaling, the part that is easy to get subtly wrong:
   aggregation over the global mini-batch, however it was split;
 - DeepSpeed averages gradients over the data-parallel ranks, so each rank also multiplies by the world size. The
   global normaliser is an all-reduced count, so ranks holding unequal shares (rows or tokens) are still exact.
-- ranks may need different numbers of micro-batches; the shorter ones run extra zero-weight passes so every rank
-  makes the same collective calls (ZeRO-3 gathers parameters inside each forward).
+- ranks must make the same collective calls in the same order: a rank with fewer micro-batches runs extra
+  zero-weight passes; a micro-batch without images runs the vision tower on a blank image (see `_TokenLogprobs`);
+  under ZeRO-3 each micro-batch scores its tokens in one lm_head chunk. All ranks must pass the same options
+  (loss, rollout_logp or not, kl_coef) to `update`.
 
 A non-finite loss or gradient norm on any rank makes DeepSpeed's ZeRO optimizer skip the step (gradients zeroed, no
 optimizer or scheduler step); the learner reports `skipped=1` and counts consecutive skips in `nonfinite_in_a_row`.
@@ -38,7 +40,7 @@ from vlm_sapo.algos import (
 )
 from vlm_sapo.learner import dist_env
 from vlm_sapo.learner.ds_config import build_ds_config
-from vlm_sapo.learner.lora import apply_lora, freeze_vision_tower, vision_tower
+from vlm_sapo.learner.lora import apply_lora, freeze_vision_params, vision_tower
 from vlm_sapo.learner.micro_batches import BatchLayout, MicroBatch, batch_layout, plan_micro_batches, slice_batch
 from vlm_sapo.learner.optim import lr_multiplier, param_groups
 from vlm_sapo.learner.weights import hf_model, named_full_weights
@@ -108,7 +110,7 @@ class Learner:
         self._merge_size = int(getattr(vision, "spatial_merge_size", 2))
 
         if freeze_vision:
-            freeze_vision_tower(model)
+            freeze_vision_params(model)
         if self.lora:
             model = apply_lora(model, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
                                target_modules=lora_target_modules, exclude_vision=freeze_vision)
@@ -120,6 +122,7 @@ class Learner:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(lr_schedule, warmup_steps, total_steps))
         ds_config = build_ds_config(zero_stage=zero_stage, bf16=self.bf16, grad_clip=grad_clip,
                                     user_config=deepspeed_config)
+        self.bf16 = bool(ds_config["bf16"].get("enabled", False))  # the user's file may switch it
         self.policy = model
         wrapped = _TokenLogprobs(model, vision_dummy=_vision_dummy(config, torch.bfloat16 if self.bf16 else None))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -144,9 +147,11 @@ class Learner:
 
     def _plan(self, batch: dict) -> tuple[list[MicroBatch], int]:
         """This rank's micro-batches and the number of passes every rank makes (the largest count)."""
-        if batch["input_ids"].shape[0] == 0:
-            raise ValueError("empty policy batch: every rank needs at least one row")
-        plan = plan_micro_batches(batch["attention_mask"], self.micro_batch_tokens)
+        scored = _completion_mask(batch).bool().any(dim=1)  # rows without a completion token are left out
+        if not bool(scored.any()):
+            raise ValueError(f"policy batch of {scored.numel()} rows has no completion token; every rank needs at "
+                             f"least one row to score")
+        plan = plan_micro_batches(batch["attention_mask"], self.micro_batch_tokens, rows=scored)
         return plan, dist_env.all_reduce_max(len(plan), self._comm_device)
 
     @property
@@ -159,12 +164,16 @@ class Learner:
     def _forward(self, inputs: dict, mask: torch.Tensor, entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Through the engine's forward: ZeRO counts micro-steps there (without it, ZeRO-3 overwrites the gradient
         of the previous micro-batch instead of accumulating it)."""
-        if self.bf16 and "pixel_values" in inputs:
-            inputs = {**inputs, "pixel_values": inputs["pixel_values"].to(torch.bfloat16)}
-        # Entropy under ZeRO-3 is off: token_logprobs reads the partitioned lm_head weight directly for it.
-        entropy = entropy and self.zero_stage != 3
-        touch_vision = dist_env.world_size() > 1
-        return self.engine(inputs, mask, entropy, self.temperature, self.logprob_chunk_size, touch_vision)
+        if self.bf16:
+            inputs = {k: v.to(torch.bfloat16) if k.startswith("pixel_values") else v for k, v in inputs.items()}
+        data_parallel = dist_env.world_size() > 1
+        chunk = self.logprob_chunk_size
+        if data_parallel and self.zero_stage == 3:
+            # ZeRO-3 gathers the lm_head weight at each chunk's call: one chunk per micro-batch keeps the number of
+            # gathers equal on all ranks (their token counts differ). Costs [tokens, vocab] logits: lower
+            # micro_batch_tokens if that is too much memory.
+            chunk = max(1, int(mask.sum()))
+        return self.engine(inputs, mask, entropy, self.temperature, chunk, data_parallel)
 
     @torch.no_grad()
     def compute_logprobs(self, batch: dict, *, adapters: bool = True) -> torch.Tensor:
@@ -275,16 +284,17 @@ class Learner:
             a = adv[rows][:, cols].to(self.device)
             logp, entropy = self._forward(part, mask, entropy=self.track_entropy)
             loss, _ = loss_fn(logp.float(), old, a, mask, **hparams)
-            weight = aggregation_weight(mode, mask) if real else 0
+            weight = aggregation_weight(mode, mask) if real else 0  # extra passes only keep ranks in step
             total = loss
             if kl_coef > 0:
                 ref = ref_logp[rows][:, cols].to(self.device).float()
                 kl = aggregate(kl_penalty(logp.float(), ref, mask, kl_estimator), mask, mode, max_length=max_length)
                 total = loss + kl_coef * kl
-                _add(sums, "kl", float(kl.detach()) * weight)
             self.engine.backward(total * (weight * scale), scale_wrt_gas=False)
             if not real:
                 continue
+            if kl_coef > 0:
+                _add(sums, "kl", float(kl.detach()) * weight)
             logp_full[rows[:, None], torch.arange(mb.col_start, mb.col_end)] = logp.detach().float().cpu()
             _add(sums, "loss", float(total.detach()) * weight)
             _add(sums, "policy_loss", float(loss.detach()) * weight)

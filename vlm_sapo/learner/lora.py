@@ -22,7 +22,7 @@ def vision_tower(model: torch.nn.Module) -> torch.nn.Module:
     raise ValueError(f"{type(model).__name__} has no `visual` module; freeze_vision_tower needs a Qwen-VL model")
 
 
-def freeze_vision_tower(model: torch.nn.Module) -> int:
+def freeze_vision_params(model: torch.nn.Module) -> int:
     """Stop gradients into the vision encoder; returns how many parameters were frozen."""
     n = 0
     for p in vision_tower(model).parameters():

@@ -44,12 +44,17 @@ def row_spans(attention_mask: torch.Tensor) -> list[tuple[int, int]]:
     return spans
 
 
-def plan_micro_batches(attention_mask: torch.Tensor, token_budget: int) -> list[MicroBatch]:
-    """Greedy packing by descending length; a row longer than the budget gets a micro-batch of its own."""
+def plan_micro_batches(attention_mask: torch.Tensor, token_budget: int,
+                       rows: torch.Tensor | None = None) -> list[MicroBatch]:
+    """Greedy packing by descending length; a row longer than the budget gets a micro-batch of its own.
+
+    `rows` (bool `[B]`) limits the plan to those rows (the learner leaves out rows with nothing to score).
+    """
     if token_budget <= 0:
         raise ValueError(f"micro-batch token budget must be positive, got {token_budget}")
     spans = row_spans(attention_mask)
-    order = sorted(range(len(spans)), key=lambda i: (spans[i][1] - spans[i][0], i), reverse=True)
+    keep = range(len(spans)) if rows is None else rows.nonzero().flatten().tolist()
+    order = sorted(keep, key=lambda i: (spans[i][1] - spans[i][0], i), reverse=True)
     plans: list[MicroBatch] = []
     rows: list[int] = []
     lo = hi = 0

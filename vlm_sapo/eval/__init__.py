@@ -1,0 +1,46 @@
+"""Evaluation: benchmark adapters, `evaluate` (generate with the training prompts, score with the training rewards),
+offline scoring of predictions, result files and comparisons. `vlm-sapo eval | score | compare` call these."""
+
+from vlm_sapo.eval.benchmarks import (
+    BenchmarkRef,
+    BenchmarkSpec,
+    Layout,
+    LoadedBenchmark,
+    get_benchmark,
+    list_benchmarks,
+    load_benchmark,
+    parse_benchmark,
+    register_benchmark,
+)
+from vlm_sapo.eval.harness import evaluate, read_predictions, run_eval, score_predictions
+from vlm_sapo.eval.prompting import render_task_prompt
+from vlm_sapo.eval.report import compare_results, load_results, write_results
+from vlm_sapo.eval.results import BenchmarkResult, EvalResults, Prediction
+from vlm_sapo.eval.stats import Estimate, pass_at_k, summarize, wilson_interval
+
+__all__ = [
+    "BenchmarkRef",
+    "BenchmarkResult",
+    "BenchmarkSpec",
+    "Estimate",
+    "EvalResults",
+    "Layout",
+    "LoadedBenchmark",
+    "Prediction",
+    "compare_results",
+    "evaluate",
+    "get_benchmark",
+    "list_benchmarks",
+    "load_benchmark",
+    "load_results",
+    "parse_benchmark",
+    "pass_at_k",
+    "read_predictions",
+    "register_benchmark",
+    "render_task_prompt",
+    "run_eval",
+    "score_predictions",
+    "summarize",
+    "wilson_interval",
+    "write_results",
+]

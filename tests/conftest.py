@@ -35,3 +35,20 @@ def shared_data() -> Path:
             "tests that read real samples cannot run on this machine"
         )
     return path
+
+
+_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_process_group_env():
+    """An in-process learner sets RANK/MASTER_PORT/... in os.environ for its one-process group; a training
+    subprocess started by a later test would inherit them and try to listen on the parent's port. Drop the ones a
+    test added (the process group itself stays up for later in-process tests)."""
+    import os
+
+    before = {k: os.environ.get(k) for k in _DIST_VARS}
+    yield
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)

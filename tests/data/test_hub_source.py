@@ -15,7 +15,7 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> Non
     t0 = time.monotonic()
     with pytest.raises(DataError, match=r"owner-x/no-such-set: not a local path.*HF_HUB_OFFLINE"):
         load_samples("owner-x/no-such-set", task="math")
-    assert time.monotonic() - t0 < 30
+    assert time.monotonic() - t0 < 90  # a hang would be minutes (hub retries)
 
 
 def test_missing_local_path_is_not_sent_to_the_hub(tmp_path) -> None:

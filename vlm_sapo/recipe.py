@@ -187,7 +187,8 @@ class RewardsCfg(Strict):
 
 
 class EvalCfg(Strict):
-    benchmarks: list[str] = []
+    benchmarks: list[str] = []  # names as `vlm-sapo eval --benchmarks` takes them (NAME, NAME=SOURCE, NAME:SPLIT)
+    data_root: str | None = None  # a folder holding benchmark folders (e.g. ../shared/data)
     every_steps: NonNegativeInt = 0  # 0: only at the end (if at_end)
     at_end: bool = True
     limit: PositiveInt | None = None

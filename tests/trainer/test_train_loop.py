@@ -49,9 +49,15 @@ def _check_run(run_dir: Path, steps: int) -> list[dict]:
 
 @pytest.mark.slow
 def test_train_smoke_hf_backend(tmp_path: Path) -> None:
-    proc = _train(tmp_path / "run", "learner.steps=3", "checkpoint.every_steps=0")
+    proc = _train(tmp_path / "run", "learner.steps=3", "checkpoint.every_steps=0", "eval.limit=2",
+                  "data.val=[{path: tests/fixtures/geometry3k/rows.jsonl, task: math}]",
+                  "eval.benchmarks=[jsonl:math:tests/fixtures/geometry3k/rows.jsonl]")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _check_run(tmp_path / "run", 3)
+    # validation rows and a benchmark, scored at the end with the training rewards
+    assert 0.0 <= rows[-1]["val/math/accuracy"] <= 1.0 and "val/math/math/format" in rows[-1]
+    assert any(k.startswith("eval/") and k.endswith("pass@1") for k in rows[-1]), sorted(rows[-1])
+    assert (tmp_path / "run" / "eval" / "step_000003" / "results.json").is_file()
     # the hf engine samples with the learner's own module: rollout and old logprobs agree to fp32 noise
     assert all(r["train/mismatch_logp_abs_diff_max"] < 1e-4 for r in rows)
 

@@ -182,6 +182,20 @@ def _ppo_clip(ratio: Tensor, adv: Tensor, clip_low: float, clip_high: float) -> 
     return objective, clipped_low, clipped_high
 
 
+def _clipped_policy_gradient(name: str, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                             clip_low: float, clip_high: float, max_log_ratio: float, mode: str,
+                             max_length: int | None = None) -> tuple[Tensor, dict[str, float]]:
+    """PPO's clipped token objective aggregated by ``mode``: GRPO, DAPO and Dr. GRPO differ only in these numbers."""
+    _check_clip(name, clip_low, clip_high)
+    b = _prepare(logp, old_logp, advantages, mask, max_log_ratio)
+    ratio = b.log_ratio.exp()
+    objective, low, high = _ppo_clip(ratio, b.adv, clip_low, clip_high)
+    loss = -aggregate(objective, b.valid, mode, max_length=max_length)
+    with torch.no_grad():
+        metrics = _clip_metrics(ratio, low, high, b.valid)
+    return loss, _floats(metrics)
+
+
 def _clip_metrics(ratio: Tensor, low: Tensor, high: Tensor, valid: Tensor) -> dict[str, Tensor]:
     return {
         "clip_frac_low": _mean(low.to(ratio.dtype), valid),
@@ -294,14 +308,8 @@ def grpo_loss(
     Objective min(r A, clip(r, 1 - clip_low, 1 + clip_high) A), token mean per sequence then mean over sequences.
     The paper's KL term is not part of the loss here: see ``vlm_sapo.algos.kl`` (off by default).
     """
-    _check_clip("grpo", clip_low, clip_high)
-    b = _prepare(logp, old_logp, advantages, mask, max_log_ratio)
-    ratio = b.log_ratio.exp()
-    objective, low, high = _ppo_clip(ratio, b.adv, clip_low, clip_high)
-    loss = -aggregate(objective, b.valid, SEQ_MEAN_TOKEN_MEAN)
-    with torch.no_grad():
-        metrics = _clip_metrics(ratio, low, high, b.valid)
-    return loss, _floats(metrics)
+    return _clipped_policy_gradient("grpo", logp, old_logp, advantages, mask, clip_low, clip_high, max_log_ratio,
+                                    SEQ_MEAN_TOKEN_MEAN)
 
 
 @register_policy_loss("dapo", aggregation=TOKEN_MEAN)
@@ -321,14 +329,8 @@ def dapo_loss(
     Objective min(r A, clip(r, 1 - clip_low, 1 + clip_high) A), mean over all valid tokens of the batch, so a long
     answer counts per token rather than being diluted. Dynamic sampling is the trainer's zero-variance filter.
     """
-    _check_clip("dapo", clip_low, clip_high)
-    b = _prepare(logp, old_logp, advantages, mask, max_log_ratio)
-    ratio = b.log_ratio.exp()
-    objective, low, high = _ppo_clip(ratio, b.adv, clip_low, clip_high)
-    loss = -aggregate(objective, b.valid, TOKEN_MEAN)
-    with torch.no_grad():
-        metrics = _clip_metrics(ratio, low, high, b.valid)
-    return loss, _floats(metrics)
+    return _clipped_policy_gradient("dapo", logp, old_logp, advantages, mask, clip_low, clip_high, max_log_ratio,
+                                    TOKEN_MEAN)
 
 
 @register_policy_loss("drgrpo", aggregation=SEQ_MEAN_TOKEN_SUM_NORM)
@@ -351,19 +353,13 @@ def drgrpo_loss(
     rate), but a sequence longer than it means the setting is wrong, so that raises. Pair with the ``drgrpo``
     advantage (no std scaling).
     """
-    _check_clip("drgrpo", clip_low, clip_high)
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
         raise ValueError(f"drgrpo: max_length must be an int >= 1, got {max_length!r}")
-    b = _prepare(logp, old_logp, advantages, mask, max_log_ratio)
-    longest = int(b.valid.sum(-1).amax()) if b.valid.numel() else 0
+    longest = int(_valid(mask).sum(-1).amax()) if mask.numel() else 0
     if longest > max_length:
         raise ValueError(f"drgrpo: a sequence has {longest} valid tokens > max_length={max_length}")
-    ratio = b.log_ratio.exp()
-    objective, low, high = _ppo_clip(ratio, b.adv, clip_low, clip_high)
-    loss = -aggregate(objective, b.valid, SEQ_MEAN_TOKEN_SUM_NORM, max_length=max_length)
-    with torch.no_grad():
-        metrics = _clip_metrics(ratio, low, high, b.valid)
-    return loss, _floats(metrics)
+    return _clipped_policy_gradient("drgrpo", logp, old_logp, advantages, mask, clip_low, clip_high, max_log_ratio,
+                                    SEQ_MEAN_TOKEN_SUM_NORM, max_length=max_length)
 
 
 @register_policy_loss("cispo", aggregation=TOKEN_MEAN)

@@ -145,7 +145,16 @@ def save_checkpoint(learner: LearnerState, root: str | Path, step: int, trainer_
         raise ValueError(f"step must be >= 0, got {step}")
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-    root = Path(root)
+    try:
+        return _write_checkpoint(learner, Path(root), step, trainer_state, keep_last)
+    except Exception:  # a failed save (disk full, ...) leaves nothing behind; an interrupt is left like a crash
+        if _rank() == 0:
+            shutil.rmtree(Path(root) / f".step_{step}.tmp", ignore_errors=True)
+        raise
+
+
+def _write_checkpoint(learner: LearnerState, root: Path, step: int, trainer_state: dict[str, Any],
+                      keep_last: int) -> Path:
     final = root / f"step_{step}"
     tmp = root / f".step_{step}.tmp"
     state_text = _json_text(trainer_state, "trainer_state")  # on every rank, before anyone waits on a barrier

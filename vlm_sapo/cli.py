@@ -137,6 +137,15 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _make_data(args: argparse.Namespace) -> int:
+    from vlm_sapo.synthetic import make_synthetic_data
+
+    paths = make_synthetic_data(args.out, seed=args.seed, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
+    for family, splits in paths.items():
+        print(f"{family}: " + ", ".join(f"{split} {path}" for split, path in splits.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlm-sapo", description="RL for vision-language models with SAPO (Soft Adaptive Policy Optimization)."
@@ -162,6 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     p.set_defaults(fn=_init_tiny)
+
+    p = sub.add_parser("make-data", help="write a synthetic data set (math, chart, grounding; JSONL + PNG splits)")
+    p.add_argument("kind", choices=["synthetic"])
+    p.add_argument("--out", required=True, help="folder to write <family>/{train,val,test}.jsonl and images to")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-train", type=int, default=1000, help="rows per family")
+    p.add_argument("--n-val", type=int, default=64, help="rows per family")
+    p.add_argument("--n-test", type=int, default=200, help="rows per family")
+    p.set_defaults(fn=_make_data)
 
     p = sub.add_parser("eval", help="evaluate a model on benchmarks with the training prompts and rewards")
     p.add_argument("--model", required=True, help="model folder (an exported HF folder, `init-tiny`, or tiny:FAMILY)")

@@ -12,6 +12,23 @@ What it simplifies, on purpose:
   logprobs feed the train/rollout mismatch metrics and the optional truncated importance-sampling correction.
 - The transformers rollout backend generates with the learner's own module under ZeRO-1/2 (no copy, no sync); under
   ZeRO-3 and with vLLM the engine holds its own weights and gets the learner's after every step.
+
+Faults (tests/reliability proves each one):
+- A dead rollout engine (`RolloutEngineError`) abandons the step in progress, which has written nothing.
+  `rollout.on_engine_death: fail` stops with the engine's error and the resume point; `restart` re-executes this process
+  as `python -m vlm_sapo.cli train <run>/recipe.yaml --resume` (in-process rebuilding is not possible: vLLM's shutdown
+  destroys torch's default process group, which the learner uses), at most `MAX_ENGINE_RESTARTS` times before a step
+  past the last death completes. Under a launcher (torchrun) `restart` stops instead: use the launcher's restarts.
+- A checkpoint that cannot be written (disk full, permissions) stops the run: the previous checkpoint stays the resume
+  point, and the step is not logged, so metrics.jsonl never runs ahead of what can be resumed.
+- A checkpoint carries a copy of its step's metrics line, restored on resume if the run died before logging it, so
+  metrics.jsonl neither misses nor repeats a step.
+- `VLM_SAPO_FAULT` (tests only) injects faults: comma-separated `kill_at:rollout|update|checkpoint|log:<step>` (SIGKILL
+  after the step's rollouts, after its first update, mid-checkpoint (learner state written, manifest not), or after
+  the checkpoint but before the metrics line),
+  `nan_loss:<step>` (NaN advantages: the learner's non-finite guard must skip the update) and `engine_death:<step>`
+  (vLLM: the model's forward raises inside the engine from then on). Each fires once per process tree: it is removed
+  from the environment when it fires, so a restarted process does not repeat it.
 """
 
 from __future__ import annotations
@@ -21,6 +38,8 @@ import logging
 import math
 import os
 import random
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,23 +50,28 @@ import torch
 
 from vlm_sapo.algos import get_advantage_estimator, zero_variance_groups
 from vlm_sapo.checkpoint import export_hf, latest_valid_checkpoint, load_checkpoint, save_checkpoint
-from vlm_sapo.data import load_samples, prompt_model_inputs, render_prompt
+from vlm_sapo.data import load_samples, prompt_model_inputs
 from vlm_sapo.data.loaders import DataError
 from vlm_sapo.data.mix import TaskMixSampler
 from vlm_sapo.data.prompts import PromptTooLongError, RenderedPrompt
 from vlm_sapo.data.sample import Sample
+from vlm_sapo.eval import evaluate, load_benchmark
+from vlm_sapo.eval.prompting import render_task_prompt
 from vlm_sapo.learner import Learner, dist_env
-from vlm_sapo.metrics_log import MetricsLog
+from vlm_sapo.metrics_log import MetricsLog, read_metrics
 from vlm_sapo.models.loading import load_policy, load_processor, model_family
 from vlm_sapo.models.logprobs import build_policy_inputs
 from vlm_sapo.recipe import Recipe, dump_recipe
 from vlm_sapo.reward_pool import RewardPool, RewardSpec, ScoreResult
-from vlm_sapo.rollout import Rollouts, SamplingConfig
+from vlm_sapo.rollout import RolloutEngineError, Rollouts, SamplingConfig
 from vlm_sapo.tasks import coord_system_for_family, default_reward_specs, get_task
 
 log = logging.getLogger(__name__)
 
 TINY_PREFIX = "tiny:"
+FAULT_ENV = "VLM_SAPO_FAULT"
+RESTARTS_ENV = "VLM_SAPO_ENGINE_RESTARTS"  # "<restarts>:<step the engine last died at>", set across re-executions
+MAX_ENGINE_RESTARTS = 3
 
 
 class TrainingError(RuntimeError):
@@ -98,9 +122,40 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _fault_due(name: str, step: int) -> bool:
+    """True once when `VLM_SAPO_FAULT` asks for fault `name` at `step` (see the module docstring); tests only."""
+    entries = [e.strip() for e in os.environ.get(FAULT_ENV, "").split(",") if e.strip()]
+    if f"{name}:{step}" not in entries:
+        return False
+    entries.remove(f"{name}:{step}")
+    os.environ[FAULT_ENV] = ",".join(entries)
+    log.warning("%s: injecting fault %s:%d", FAULT_ENV, name, step)
+    return True
+
+
+def _sigkill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _crash_every_forward(model: torch.nn.Module) -> int:
+    """Runs inside the vLLM worker (the engine_death fault): every later forward of the model raises."""
+
+    def crash(module: torch.nn.Module, args: Any) -> None:
+        raise RuntimeError(f"{FAULT_ENV} engine_death: the model's forward crashed inside the engine")
+
+    model.register_forward_pre_hook(crash)
+    return 1
+
+
+def _restart_state() -> tuple[int, int]:
+    count, _, step = os.environ.get(RESTARTS_ENV, "0:0").partition(":")
+    return int(count), int(step or 0)
+
+
 class Trainer:
     def __init__(self, recipe: Recipe, *, resume: str | None = None):
         self.recipe = r = recipe
+        self.launched = "RANK" in os.environ  # by torchrun/deepspeed, not by us (a restart must not reuse our port)
         dist_env.init_distributed()  # before reading rank and world size (a launcher may have set them)
         self.rank, self.world = dist_env.rank(), dist_env.world_size()
         if torch.cuda.is_available():  # one GPU per rank: the policy, the learner and a colocated vLLM all use it
@@ -124,6 +179,7 @@ class Trainer:
         self.coord_system = r.data.coord_system if r.data.coord_system != "auto" else coord_system_for_family(self.family)
         self.pad_id = self.processor.tokenizer.pad_token_id
 
+        self.skipped_rows = 0
         self.sources = [self._load_source(s) for s in r.data.train]
         self.val_sources = [self._load_source(s) for s in r.data.val]
         self.sampler = TaskMixSampler([len(s.samples) for s in self.sources], [s.weight for s in r.data.train],
@@ -133,9 +189,8 @@ class Trainer:
                  else default_reward_specs(tasks))
         self.pool = RewardPool(specs, workers=r.rewards.workers, timeout_s=r.rewards.timeout_s)
         self.pool.validate_tasks(tasks)
-        if r.eval.benchmarks:
-            raise TrainingError("eval.benchmarks needs the benchmark adapters of `vlm-sapo eval`, not available in "
-                                "this version; validate on your own rows with data.val")
+        self.eval_benchmarks = [load_benchmark(b, data_root=r.eval.data_root, limit=r.eval.limit)
+                                for b in r.eval.benchmarks]
 
         self.loss_hparams = r.algorithm.loss.hparams()
         if r.algorithm.loss.name == "drgrpo" and "max_length" not in self.loss_hparams:
@@ -158,6 +213,7 @@ class Trainer:
 
         self.step = 0
         self.dropped_prompts = 0
+        self.render_skipped = 0  # rows whose prompt could not be rendered (data.on_bad_row=skip)
         resume = resume if resume is not None else r.checkpoint.resume
         ckpt = None
         if resume == "auto":
@@ -169,13 +225,24 @@ class Trainer:
             self.step = int(state["step"])
             self.sampler.load_state_dict(state["sampler"])
             self.dropped_prompts = int(state.get("dropped_prompts", 0))
+            self.render_skipped = int(state.get("render_skipped", 0))
             self._sync_weights()
             log.info("resumed from %s at step %d", ckpt, self.step)
         self.metrics = MetricsLog(self.run_dir, tensorboard=r.logging.tensorboard, wandb=r.logging.wandb,
                                   wandb_project=r.logging.wandb_project, config=r.model_dump(mode="json"),
                                   resume_step=self.step) if self.rank == 0 else None
+        if ckpt is not None and self.metrics is not None:
+            self._restore_metrics_line(state.get("metrics_line"))
 
     # ------------------------------------------------------------------------------------------------ set-up helpers
+    def _restore_metrics_line(self, line: dict[str, Any] | None) -> None:
+        """A run stopped between a checkpoint and its metrics line would leave that step out of metrics.jsonl for
+        good; the checkpoint carries a copy of the line (without its own `time/checkpoint`)."""
+        if line and self.step not in {m["step"] for m in read_metrics(self.run_dir)}:
+            self.metrics.log(self.step, {k: float(v) for k, v in line["metrics"].items()}, line["record"])
+            log.warning("step %d: metrics line restored from its checkpoint (the run stopped before logging it)",
+                        self.step)
+
     def _load_source(self, cfg: Any) -> _Source:
         get_task(cfg.task)  # fail early, naming the task
         d = self.recipe.data
@@ -186,6 +253,7 @@ class Trainer:
             log.warning("skipped %s", bad)
         if result.skipped:
             log.warning("%s: %d bad row(s) skipped, %d usable", cfg.path, len(result.skipped), len(result.samples))
+        self.skipped_rows += len(result.skipped)
         return _Source(result.samples, cfg.task)
 
     def _build_engine(self) -> tuple[Any, bool]:
@@ -210,21 +278,24 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ one step
     def _render(self, sample: Sample) -> tuple[RenderedPrompt, Sample] | None:
-        d = self.recipe.data
-        sample.meta = {**sample.meta, "coord_system": self.coord_system}
+        """The prompt evaluation renders too (`render_task_prompt`); over-long ones are counted and dropped."""
+        d, m = self.recipe.data, self.recipe.model
         try:
-            rendered = render_prompt(self.processor, sample, instruction=get_task(sample.task).instruction_for(sample),
-                                     min_pixels=self.recipe.model.min_pixels, max_pixels=self.recipe.model.max_pixels,
-                                     image_patch_size=self.patch_size, max_prompt_tokens=d.max_prompt_tokens,
-                                     system=d.system_prompt)
+            return render_task_prompt(self.processor, sample, coord_system=self.coord_system,
+                                      min_pixels=m.min_pixels, max_pixels=m.max_pixels,
+                                      image_patch_size=self.patch_size, max_prompt_tokens=d.max_prompt_tokens,
+                                      system=d.system_prompt)
         except PromptTooLongError:
             if d.on_long_prompt == "fail":
                 raise
             self.dropped_prompts += 1
             return None
-        meta = {**sample.meta, "model_input_size": rendered.model_input_sizes[0] if rendered.model_input_sizes else None,
-                "image_size": rendered.original_sizes[0] if rendered.original_sizes else None}
-        return rendered, Sample(sample.id, sample.task, sample.images, sample.question, sample.answer, meta)
+        except DataError as e:  # found only when rendering (e.g. vision special tokens inside the question)
+            if d.on_bad_row == "fail":
+                raise TrainingError(f"step {self.step + 1}: {e} (data.on_bad_row=fail)") from e
+            log.warning("skipped %s", e)
+            self.render_skipped += 1
+            return None
 
     def _next_prompts(self, count: int) -> list[tuple[RenderedPrompt, Sample]]:
         """`count` rendered prompts for this rank; prompts over the token limit are replaced by the next ones."""
@@ -239,13 +310,16 @@ class Trainer:
                 if got is not None:
                     out.append(got)
         raise TrainingError(f"could not fill a batch of {count} prompts: {self.dropped_prompts} prompts were longer "
-                            f"than data.max_prompt_tokens ({self.recipe.data.max_prompt_tokens})")
+                            f"than data.max_prompt_tokens ({self.recipe.data.max_prompt_tokens}) and "
+                            f"{self.render_skipped} could not be rendered")
 
     def _rollout_and_score(self, pairs: list[tuple[RenderedPrompt, Sample]], n: int,
-                           sampling: SamplingConfig) -> _Scored:
+                           sampling: SamplingConfig, *, kill_after_rollout: bool = False) -> _Scored:
         prompts = [p for p, _ in pairs]
         samples = [s for _, s in pairs]
         rollouts = self.engine.generate(prompts, n=n, sampling=sampling)
+        if kill_after_rollout:
+            _sigkill_self()
         items = [(samples[c.prompt_index].id, samples[c.prompt_index].task, c.text, samples[c.prompt_index].answer,
                   samples[c.prompt_index].meta) for c in rollouts.completions]
         return _Scored(prompts, samples, rollouts, self.pool.score(items))
@@ -262,7 +336,10 @@ class Trainer:
             # a seed per (step, round, rank): a resumed run draws exactly the samples the uninterrupted run would
             seed = ((r.seed * 1_000_003 + self.step) * 64 + rounds) * 1024 + self.rank
             sampling = dataclasses.replace(self.sampling, seed=seed)
-            scored = self._rollout_and_score(self._next_prompts(want - kept_prompts), g, sampling)
+            if _fault_due("engine_death", self.step + 1):
+                self._break_engine()
+            scored = self._rollout_and_score(self._next_prompts(want - kept_prompts), g, sampling,
+                                             kill_after_rollout=_fault_due("kill_at:rollout", self.step + 1))
             timer["rollout_and_reward"] = timer.get("rollout_and_reward", 0.0) + time.perf_counter() - t0
             all_rounds.append(scored)
             if r.algorithm.zero_variance_groups == "keep":
@@ -308,6 +385,7 @@ class Trainer:
         metrics["batch/resample_rounds"] = float(len(all_rounds) - 1)
         metrics["batch/groups_kept"] = float(len(scored.prompts))
         metrics["data/dropped_long_prompts"] = float(self.dropped_prompts)
+        metrics["data/skipped_rows"] = float(self.skipped_rows + self.render_skipped)
         if not scored.prompts:
             log.warning("step %d: every group had equal rewards; no update", self.step + 1)
             metrics["batch/skipped_no_signal"] = 1.0
@@ -316,6 +394,8 @@ class Trainer:
 
         g = r.rollout.n
         adv = self.advantage(scored.rewards, g, **r.algorithm.advantage.hparams()).reshape(-1)
+        if _fault_due("nan_loss", self.step + 1):
+            adv = adv * float("nan")
         order = torch.randperm(len(adv), generator=torch.Generator().manual_seed(r.seed * 100003 + self.step)).tolist()
         k = min(r.algorithm.mini_batches, len(order))
         minis = [order[i::k] for i in range(k)]
@@ -333,6 +413,8 @@ class Trainer:
             m = self.learner.update(batch, old_logp, a, r.algorithm.loss.name, self.loss_hparams,
                                     rollout_logp=rollout_logp, tis_cap=r.algorithm.tis_cap)
             updates.append(m)
+            if _fault_due("kill_at:update", self.step + 1):
+                _sigkill_self()
             if self.learner.nonfinite_in_a_row >= r.learner.max_nonfinite_in_a_row:
                 ids = sorted({scored.samples[i].id for i in range(len(scored.samples))})
                 raise TrainingError(f"step {self.step + 1}: {self.learner.nonfinite_in_a_row} non-finite updates in "
@@ -355,23 +437,32 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ validation
     def validate(self) -> dict[str, float]:
-        """Greedy (eval.temperature) generation on data.val, scored by the same rewards as training."""
-        e = self.recipe.eval
-        if not self.val_sources:
+        """`data.val` rows and `eval.benchmarks`, generated with eval's sampling and scored by the training rewards."""
+        e, r = self.recipe.eval, self.recipe
+        if not self.val_sources and not self.eval_benchmarks:
             return {}
         sampling = SamplingConfig(temperature=e.temperature, max_new_tokens=e.max_new_tokens or self.sampling.max_new_tokens,
-                                  top_p=1.0, top_k=0, stop=self.sampling.stop)
+                                  top_p=1.0, top_k=0, stop=self.sampling.stop, seed=r.seed)
         out: dict[str, float] = {}
         for src in self.val_sources:
             pairs = [p for p in (self._render(s) for s in src.samples[: e.limit]) if p is not None]
             if not pairs:
                 continue
             scored = self._rollout_and_score(pairs, e.n, sampling)
-            task = get_task(src.task)
             for key, value in _reward_metrics(scored, None).items():
                 out[f"val/{key.removeprefix('reward/')}"] = value
-            metric = [s.scores.get(f"{task.reward_name}/{task.metric}", 0.0) for s in scored.scores]
-            out[f"val/{src.task}/{task.metric}"] = sum(metric) / len(metric)
+            task = get_task(src.task)
+            label = next((rw.label for spec, rw in zip(self.pool.specs, self.pool.rewards)
+                          if spec.name == task.reward_name and spec.applies_to(task.name)), None)
+            if label is not None:  # the task's own metric, when the recipe kept the task's reward
+                metric = [sc.scores.get(f"{label}/{task.metric}", 0.0) for sc in scored.scores]
+                out[f"val/{src.task}/{task.metric}"] = sum(metric) / len(metric)
+        if self.eval_benchmarks:
+            res = evaluate(self.engine, self.processor, self.eval_benchmarks, family=self.family, n=e.n,
+                           sampling=sampling, max_prompt_tokens=r.data.max_prompt_tokens, system=r.data.system_prompt,
+                           coord_system=self.coord_system,
+                           out_dir=self.run_dir / "eval" / f"step_{self.step:06d}", progress=False)
+            out.update(res.metrics())
         return out
 
     # ------------------------------------------------------------------------------------------------ the run
@@ -380,39 +471,112 @@ class Trainer:
 
         r = self.recipe
         bar = tqdm(total=r.learner.steps, initial=self.step, desc=r.name, disable=not r.logging.progress or self.rank)
+        restart = False
         try:
             while self.step < r.learner.steps:
-                metrics, batch_ids = self.train_step()
-                self.step += 1
-                last = self.step == r.learner.steps
-                if r.eval.every_steps and self.step % r.eval.every_steps == 0 or (last and r.eval.at_end):
-                    t0 = time.perf_counter()
-                    metrics.update(self.validate())
-                    metrics["time/validate"] = time.perf_counter() - t0
+                try:
+                    metrics, batch_ids = self.train_step()
+                    self.step += 1
+                    last = self.step == r.learner.steps
+                    if r.eval.every_steps and self.step % r.eval.every_steps == 0 or (last and r.eval.at_end):
+                        t0 = time.perf_counter()
+                        metrics.update(self.validate())
+                        metrics["time/validate"] = time.perf_counter() - t0
+                except RolloutEngineError as e:
+                    restart = self._engine_died(e)
+                    break
+                if _restart_state()[0] and self.step > _restart_state()[1]:
+                    os.environ.pop(RESTARTS_ENV, None)  # progress past the last engine death
+                record = {"batch_ids": batch_ids}
                 if r.checkpoint.every_steps and (self.step % r.checkpoint.every_steps == 0 or last):
                     t0 = time.perf_counter()
-                    save_checkpoint(self.learner, self.ckpt_root, self.step,
-                                    {"step": self.step, "sampler": self.sampler.state_dict(),
-                                     "dropped_prompts": self.dropped_prompts, "recipe": r.name},
-                                    keep_last=r.checkpoint.keep_last)
+                    self._save_checkpoint(metrics, record)
                     metrics["time/checkpoint"] = time.perf_counter() - t0
+                    if _fault_due("kill_at:log", self.step):  # checkpoint written, metrics line not yet
+                        _sigkill_self()
                 if self.metrics is not None:
-                    self.metrics.log(self.step, metrics, {"batch_ids": batch_ids})
+                    self.metrics.log(self.step, metrics, record)
                 bar.set_postfix(reward=f"{metrics.get('reward/overall', float('nan')):.3f}",
                                 step_s=f"{metrics['time/step']:.1f}")
                 bar.update(1)
-            if r.checkpoint.export_hf:
+            if r.checkpoint.export_hf and not restart:
                 export_hf(self.learner, self.model_path, self.run_dir / "hf")
         finally:
             bar.close()
             self.close()
+        if restart:
+            self._reexec_with_resume()
         return self.run_dir
 
+    def _save_checkpoint(self, metrics: dict[str, float], record: dict[str, Any]) -> None:
+        """Write this step's checkpoint, with a copy of its metrics line (restored on resume if the run stopped before
+        logging it); a failure (disk full, ...) stops the run with the previous checkpoint intact."""
+        line = {"metrics": {k: v if math.isfinite(v) else str(v) for k, v in metrics.items()}, "record": record}
+        try:
+            if _fault_due("kill_at:checkpoint", self.step):  # dies mid-save: learner state written, no manifest yet
+                save_state = self.learner.save_state
+                self.learner.save_state = lambda folder: (save_state(folder), _sigkill_self())
+            save_checkpoint(self.learner, self.ckpt_root, self.step,
+                            {"step": self.step, "sampler": self.sampler.state_dict(),
+                             "dropped_prompts": self.dropped_prompts, "render_skipped": self.render_skipped,
+                             "recipe": self.recipe.name, "metrics_line": line},
+                            keep_last=self.recipe.checkpoint.keep_last)
+        except Exception as e:
+            raise TrainingError(
+                f"step {self.step}: writing the checkpoint {self.ckpt_root / f'step_{self.step}'} failed "
+                f"({type(e).__name__}: {e}); disk full? The run stops without logging this step; `--resume` continues "
+                f"from {latest_valid_checkpoint(self.ckpt_root) or 'the start (no valid checkpoint)'}") from e
+
+    def _engine_died(self, error: RolloutEngineError) -> bool:
+        """Whether to restart (rollout.on_engine_death), else raise naming the engine, the step and the resume point."""
+        r = self.recipe
+        step = self.step + 1
+        resume_from = latest_valid_checkpoint(self.ckpt_root) if self.rank == 0 else None
+        where = f"`--resume` continues from {resume_from or 'the start (no valid checkpoint yet)'}"
+        if r.rollout.on_engine_death == "fail":
+            raise TrainingError(f"step {step}: the rollout engine died: {error}. rollout.on_engine_death=fail: the run "
+                                f"stops; nothing of step {step} was saved; {where}") from error
+        if self.world > 1 or self.launched:
+            raise TrainingError(f"step {step}: the rollout engine died: {error}. rollout.on_engine_death=restart "
+                                "re-executes a single process only; under a launcher use its restarts (torchrun "
+                                f"--max-restarts); {where}") from error
+        count, last_death = _restart_state()
+        if count >= MAX_ENGINE_RESTARTS:
+            raise TrainingError(f"step {step}: the rollout engine died again after {count} restart(s) without a step "
+                                f"completing past step {last_death}: {error}; {where}") from error
+        os.environ[RESTARTS_ENV] = f"{count + 1}:{step}"
+        log.error("step %d: the rollout engine died (%s); restart %d of %d: re-executing with --resume, %s", step,
+                  error, count + 1, MAX_ENGINE_RESTARTS, where)
+        return True
+
+    def _reexec_with_resume(self) -> None:
+        """Replace this process with `python -m vlm_sapo.cli train <run>/recipe.yaml --resume` (never returns)."""
+        if not self.launched:  # our own one-process group: let the new process pick a fresh port
+            for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+                os.environ.pop(var, None)
+        argv = [sys.executable, "-m", "vlm_sapo.cli", "train", str(self.run_dir / "recipe.yaml"), "--resume"]
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, argv)
+
+    def _break_engine(self) -> None:
+        """Fault injection (tests): crash the vLLM engine from inside, as a failing kernel would: every later forward
+        of its model raises in vLLM's own model runner."""
+        llm = getattr(self.engine, "llm", None)
+        if llm is None:
+            raise TrainingError("the engine_death fault needs rollout.backend=vllm")
+        llm.apply_model(_crash_every_forward)
+
     def close(self) -> None:
-        if self.metrics is not None:
-            self.metrics.close()
-        self.pool.close()
-        self.engine.close()
+        """Release everything, each part even when another fails (a dead engine must not keep the pool alive)."""
+        for part in (self.metrics, self.pool, self.engine):
+            if part is None:
+                continue
+            try:
+                part.close()
+            except Exception:
+                log.exception("closing %s failed", type(part).__name__)
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers

@@ -185,6 +185,11 @@ def _build_sample(record: dict[str, Any], index: int, stem: str, task: str, colu
         raise _RowError(question_col, f"question must be a string, got {type(question).__name__}")
     if not question.strip():
         raise _RowError(question_col, "question is empty")
+    try:
+        question.encode("utf-8")  # a lone surrogate ("\ud800" in JSON) would break the tokenizer mid-run
+    except UnicodeEncodeError as err:
+        raise _RowError(question_col,
+                        f"question is not valid Unicode text ({err.reason} at position {err.start})") from None
 
     if answer_col not in record or record[answer_col] is None:
         raise _RowError(answer_col, "missing required field 'answer'")
@@ -213,6 +218,8 @@ def _build_sample(record: dict[str, Any], index: int, stem: str, task: str, colu
 def _image_ref(item: Any, base: Path, allow_absolute: bool, max_pixels: int) -> ImageRef:
     if isinstance(item, dict):  # datasets' Image feature: bytes win, path is a fallback (often just a file name)
         if item.get("bytes"):
+            if not isinstance(item["bytes"], (bytes, bytearray, memoryview)):  # JSON can say {"bytes": 10**10}
+                raise ImageError(f"image 'bytes' must be bytes, got {type(item['bytes']).__name__}")
             return ImageRef(data=bytes(item["bytes"]), max_pixels=max_pixels)
         if item.get("path"):
             return _image_ref(str(item["path"]), base, allow_absolute, max_pixels)

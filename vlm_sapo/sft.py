@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from vlm_sapo.data import Sample, prompt_model_inputs, render_prompt
+from vlm_sapo.data import Sample, prompt_model_inputs
+from vlm_sapo.eval.prompting import render_task_prompt
 from vlm_sapo.models.logprobs import build_policy_inputs, token_logprobs
 from vlm_sapo.tasks import coord_system_for_family, get_task
 
@@ -48,12 +49,9 @@ def prepare_examples(processor: Any, samples: Sequence[Sample], *, family: str, 
     end = tok.convert_tokens_to_ids("<|im_end|>")
     out = []
     for s in samples:
-        s = Sample(s.id, s.task, s.images, s.question, s.answer, {**s.meta, "coord_system": coords})
-        rendered = render_prompt(processor, s, instruction=get_task(s.task).instruction_for(s), min_pixels=min_pixels,
-                                 max_pixels=max_pixels, image_patch_size=patch_size,
-                                 max_prompt_tokens=max_prompt_tokens)
-        meta = {**s.meta, "model_input_size": rendered.model_input_sizes[0], "image_size": rendered.original_sizes[0]}
-        s = Sample(s.id, s.task, s.images, s.question, s.answer, meta)
+        rendered, s = render_task_prompt(processor, s, coord_system=coords, min_pixels=min_pixels,
+                                         max_pixels=max_pixels, image_patch_size=patch_size,
+                                         max_prompt_tokens=max_prompt_tokens)
         target = []
         if completion_for is not None:
             target = tok.encode(completion_for(s), add_special_tokens=False) + [end]

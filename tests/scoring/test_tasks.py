@@ -62,6 +62,20 @@ def test_grounding_instruction_follows_the_coordinate_system():
         get_task("grounding").instruction_for(Sample("b0", "grounding", [], "the dog", [1, 2, 3, 4], {}))
 
 
+def test_a_rows_own_instruction_replaces_the_tasks_in_the_rendered_prompt(tiny_qwen25_dir):
+    from vlm_sapo.eval.prompting import render_task_prompt
+    from vlm_sapo.models.loading import load_processor
+
+    own = Sample("o", "math", [], "How many?", "3", {"instruction": "Answer in <answer> </answer>."})
+    plain = Sample("p", "math", [], "How many?", "3", {"instruction": "  "})
+    assert get_task("math").instruction(own) == "Answer in <answer> </answer>."
+    assert get_task("math").instruction(plain) == get_task("math").instruction_for(plain)
+    processor = load_processor(tiny_qwen25_dir)
+    rendered, _ = render_task_prompt(processor, own, coord_system="abs_resized", min_pixels=3136, max_pixels=3136,
+                                     image_patch_size=14, max_prompt_tokens=None)
+    assert "How many?\nAnswer in <answer> </answer>." in rendered.text and FORMAT_INSTRUCTION not in rendered.text
+
+
 @pytest.mark.parametrize(
     ("family", "coords"),
     [

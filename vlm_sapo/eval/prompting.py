@@ -21,7 +21,7 @@ def render_task_prompt(processor: Any, sample: Sample, *, coord_system: str, min
     """The rendered prompt and a copy of `sample` whose meta is ready for scoring; raises `PromptTooLongError`."""
     meta = {**sample.meta, "coord_system": coord_system}
     sample = dataclasses.replace(sample, meta=meta)
-    rendered = render_prompt(processor, sample, instruction=get_task(sample.task).instruction_for(sample),
+    rendered = render_prompt(processor, sample, instruction=get_task(sample.task).instruction(sample),
                              min_pixels=min_pixels, max_pixels=max_pixels, image_patch_size=image_patch_size,
                              max_prompt_tokens=max_prompt_tokens, system=system)
     meta = {**meta, "model_input_size": rendered.model_input_sizes[0] if rendered.model_input_sizes else None,

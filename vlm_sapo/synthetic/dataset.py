@@ -68,6 +68,8 @@ def make_synthetic_data(out_dir: str | Path, *, seed: int = 0, n_train: int = 10
                 rel = f"images/{split}/{row_id}.png"
                 item.image.save(fam_dir / rel, format="PNG", optimize=False)
                 row = {"id": row_id, "image": rel, "question": item.question, "answer": item.answer, **item.meta}
+                if cfg.instruction:
+                    row["instruction"] = cfg.instruction
                 lines.append(json.dumps(row, sort_keys=True))
             path = fam_dir / f"{split}.jsonl"
             path.write_text("".join(f"{line}\n" for line in lines))

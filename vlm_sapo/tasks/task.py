@@ -31,6 +31,12 @@ class Task:
     parse_answer: Callable[[str], Any]  # the model's answer out of a completion, for logs and eval tables
     metric: str = "accuracy"  # the reward's score reported as the benchmark number
 
+    def instruction(self, sample: Any) -> str:
+        """The row's own `instruction` column when it has one (a data set with its own prompt format, as EasyR1's
+        `format_prompt`), else the task's. Every prompt renderer asks here, so training and evaluation agree."""
+        own = sample.meta.get("instruction") if isinstance(sample.meta, dict) else None
+        return own if isinstance(own, str) and own.strip() else self.instruction_for(sample)
+
     def reward(self, completion: str, sample: Any) -> dict[str, float]:
         """Scores in this process, without the pool's time limit: fine for evaluation of a few samples and tests; a
         training run scores through ``RewardPool`` with ``default_reward_specs``, which calls the same function."""

@@ -1,0 +1,104 @@
+"""The demo's pieces on a tiny budget: the small-vocabulary tokenizer and model, the cold-start loss (checked against
+a plain forward), a few supervised steps, then 2 RL steps of the real trainer from the cold-start checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlm_sapo.data import load_samples
+from vlm_sapo.synthetic import gold_completion, make_synthetic_data
+from vlm_sapo.synthetic.vocab import TAG_TOKENS, build_small_vocab_tiny, train_small_tokenizer
+
+PIXELS = 56 * 56  # the synthetic images (SyntheticConfig.image_size), never resized
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo_data")
+    make_synthetic_data(out, seed=0, n_train=24, n_val=6, n_test=6)
+    return out
+
+
+@pytest.fixture(scope="module")
+def init_model(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from vlm_sapo.demo import tokenizer_corpus
+
+    paths = {f: {s: demo_data / f / f"{s}.jsonl" for s in ("train", "val", "test")}
+             for f in ("math", "chart", "grounding")}
+    return build_small_vocab_tiny(tmp_path_factory.mktemp("model") / "init", tokenizer_corpus(paths),
+                                  vocab_size=320, min_pixels=PIXELS, max_pixels=PIXELS)
+
+
+def test_small_tokenizer_round_trips_any_text_and_keeps_tags_whole() -> None:
+    tok = train_small_tokenizer(["How many red shapes are there?", "<think></think><answer>3</answer>"] * 5,
+                                vocab_size=300)
+    assert 256 + 14 + 4 <= len(tok) <= 300 + 14 + 4 + 8
+    for tag in TAG_TOKENS:
+        assert len(tok.encode(tag, add_special_tokens=False)) == 1
+    text = "Ünïcödé 数学 never seen: [12, 40, 28, 56] <answer>7</answer>"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids) == text
+    assert len(tok.encode(" red", add_special_tokens=False)) == 1  # a frequent word is merged
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    completion = tok.encode("<think></think><answer>3</answer><|im_end|>", add_special_tokens=False)
+    assert len(completion) == 6
+    assert tok.decode(completion, skip_special_tokens=True) == "<think></think><answer>3</answer>"
+
+
+def test_cold_start_loss_equals_a_plain_forward(init_model: Path, demo_data: Path) -> None:
+    from vlm_sapo.models.loading import load_policy, load_processor
+    from vlm_sapo.models.logprobs import build_policy_inputs, rope_position_ids
+    from vlm_sapo.sft import nll_loss, prepare_examples
+
+    processor = load_processor(init_model)
+    model = load_policy(init_model, dtype="float32")
+    assert sum(p.numel() for p in model.parameters()) < 1_000_000
+    samples = [s for f in ("math", "grounding") for s in load_samples(demo_data / f / "train.jsonl", task=f).samples[:2]]
+    ex = prepare_examples(processor, samples, family="qwen2_5_vl", min_pixels=PIXELS, max_pixels=PIXELS,
+                          completion_for=lambda s: gold_completion(s.task, s.answer))
+    assert all(e.prompt.model_input_sizes == [(56, 56)] for e in ex)
+    assert all(e.sample.meta["coord_system"] == "abs_resized" for e in ex)
+    with torch.no_grad():
+        got = nll_loss(model, ex, processor.tokenizer.pad_token_id).item()
+        # reference: the transformers forward's full logits, one row at a time, mean NLL over every target token
+        total, count = 0.0, 0
+        for e in ex:
+            inp = build_policy_inputs([e.inputs], [e.target_ids], processor.tokenizer.pad_token_id)
+            pos = rope_position_ids(model, inp)
+            logits = model(input_ids=inp["input_ids"], attention_mask=inp["attention_mask"],
+                           pixel_values=inp["pixel_values"], image_grid_thw=inp["image_grid_thw"],
+                           mm_token_type_ids=inp["mm_token_type_ids"], position_ids=pos).logits[0].double()
+            n = len(e.target_ids)
+            logp = torch.log_softmax(logits[-n - 1 : -1], dim=-1)
+            total -= logp[torch.arange(n), torch.tensor(e.target_ids)].sum().item()
+            count += n
+    assert got == pytest.approx(total / count, rel=1e-5)
+
+
+def test_cold_start_then_two_rl_steps(init_model: Path, demo_data: Path, tmp_path: Path) -> None:
+    from vlm_sapo.demo import RECIPE, DemoConfig, cold_start, evaluate, rl_overrides
+    from vlm_sapo.metrics_log import read_metrics
+    from vlm_sapo.recipe import load_recipe
+    from vlm_sapo.trainer import train
+
+    paths = {f: {s: demo_data / f / f"{s}.jsonl" for s in ("train", "val", "test")}
+             for f in ("math", "chart", "grounding")}
+    cfg = DemoConfig(sft_rows=8, sft_steps=6, sft_batch=8, rl_steps=2)
+    cold = cold_start(init_model, tmp_path / "cold", paths, cfg, PIXELS)
+    assert cold["loss_last"] < cold["loss_first"]
+    over = rl_overrides(tmp_path, tmp_path / "cold", demo_data, cfg) + [
+        "data.prompts_per_step=3", "rollout.n=4", "rollout.max_new_tokens=12", "algorithm.zero_variance_groups=keep",
+        "eval.limit=2", "eval.every_steps=0", "logging.progress=false"]
+    run = train(load_recipe(RECIPE, over))
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["train/mismatch_logp_abs_diff_max"] < 1e-4 for r in rows)  # rollout = learner policy
+    assert {"val/math/accuracy", "val/chart/accuracy", "val/grounding/accuracy"} <= set(rows[-1])
+    after = evaluate(run / "hf", paths, PIXELS, tmp_path / "details.jsonl")
+    assert set(after) >= {"math/accuracy", "chart/accuracy", "grounding/accuracy", "grounding/iou"}
+    details = [json.loads(line) for line in (tmp_path / "details.jsonl").read_text().splitlines()]
+    assert len(details) == 18 and all(0.0 <= d["accuracy"] <= 1.0 for d in details)

@@ -5,7 +5,7 @@ export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test lint setup clean-venv
+.PHONY: demo test lint setup clean-venv bench-trl
 
 setup: .venv/.ready
 
@@ -18,6 +18,10 @@ demo: .venv/.ready
 test: .venv/.ready
 	$(PY) -m ruff check vlm_sapo rewards tests benchmarks
 	$(PY) -m pytest -q --timeout 600 tests
+
+# vlm_sapo against TRL's GRPOTrainer on identical work (creates benchmarks/.venv-peers with TRL on first use)
+bench-trl: .venv/.ready
+	$(PY) benchmarks/vs_trl.py
 
 lint: .venv/.ready
 	$(PY) -m ruff check vlm_sapo rewards tests benchmarks

@@ -208,8 +208,7 @@ def plot_curves(metrics_path: Path, before: dict[str, float], after: dict[str, f
     fig, ax = plt.subplots(figsize=(6, 4))
     for family in FAMILIES:
         key = f"val/{family}/accuracy"
-        pts = [(0, before.get(f"{family}/accuracy"))] if False else []
-        pts += [(r["step"], r[key]) for r in rows if key in r]
+        pts = [(r["step"], r[key]) for r in rows if key in r]
         if pts:
             steps, vals = zip(*pts)
             line, = ax.plot(steps, [100 * v for v in vals], marker="o", label=f"{family} (validation)")

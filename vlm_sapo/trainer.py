@@ -2,13 +2,15 @@
 
 One step: take a batch of prompts (each task its share), roll out G completions per prompt, score them in the reward
 pool, compute group advantages, drop or resample groups whose rewards are all equal, compute old logprobs for every
-mini-batch with the learner before its first update, make K updates (the paper's off-policy setting), push the new
-weights into the rollout engine, log, checkpoint.
+mini-batch with the learner before its first update (skipped on-policy, see below), make K updates (the paper's
+off-policy setting), push the new weights into the rollout engine, log, checkpoint.
 
 What it simplifies, on purpose:
 - Data parallel ranks each take their own slice of the step's prompts (and all G samples of each), so group statistics
   never cross ranks; logged reward metrics are rank 0's slice.
-- Old logprobs are always recomputed by the learner (exact for any number of mini-batches); the rollout engine's own
+- Old logprobs are recomputed by the learner (exact for any number of mini-batches), except on-policy (K = 1 and no
+  truncated importance sampling): there pi_old is the current policy, and the update uses the detached logprobs of
+  its own forward (`Learner.update(old_logp=None)`), saving a no-grad pass over the batch. The rollout engine's own
   logprobs feed the train/rollout mismatch metrics and the optional truncated importance-sampling correction.
 - The transformers rollout backend generates with the learner's own module under ZeRO-1/2 (no copy, no sync); under
   ZeRO-3 and with vLLM the engine holds its own weights and gets the learner's after every step.
@@ -402,9 +404,11 @@ class Trainer:
 
         t0 = time.perf_counter()
         prepared = []
+        on_policy = k == 1 and r.algorithm.tis_cap is None  # pi_old is the policy the one update starts from
         for rows in minis:  # every mini-batch's old logprobs before the first update: pi_old is this step's policy
             batch, rollout_logp = self._policy_batch(scored, sorted(rows))
-            prepared.append((batch, rollout_logp, self.learner.compute_logprobs(batch), adv[sorted(rows)]))
+            old_logp = None if on_policy else self.learner.compute_logprobs(batch)
+            prepared.append((batch, rollout_logp, old_logp, adv[sorted(rows)]))
         timer["old_logprobs"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()

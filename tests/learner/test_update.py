@@ -157,6 +157,32 @@ def test_logprobs_and_kl_tis_terms_match_reference(small_qwen25_dir, policy_batc
     assert_same_update(before, weights(learner), ref_after)
 
 
+@pytest.mark.parametrize("loss_name", ["sapo", "grpo"])
+def test_on_policy_update_without_old_logprobs_matches_reference(small_qwen25_dir, policy_batch, loss_name):
+    """old_logp=None: pi_old is the current policy (old = detached logp of the same forward), over micro-batches,
+    against the formula with old = logp.detach() on a whole-batch naive forward; mismatch metrics against it too."""
+    mask = policy_batch["completion_mask"]
+    with torch.no_grad():
+        naive = naive_logprobs(load_model(small_qwen25_dir), policy_batch)
+    rollout = perturbed_old(naive, mask, seed=2)
+    ref = {"sapo": lambda lp: ref_sapo(lp, lp.detach(), ADV, mask),
+           "grpo": lambda lp: ref_grpo_seq(lp, lp.detach(), ADV, mask)}[loss_name]
+    ref_loss, ref_norm, before, ref_after = reference_step(
+        small_qwen25_dir, policy_batch, ref, weight_decay=0.0, grad_clip=1e9, **LINEAR_ADAM)
+    learner = make_learner(small_qwen25_dir, zero_stage=2, grad_clip=None, micro_batch_tokens=100, **LINEAR_ADAM)
+    m = learner.update(policy_batch, None, ADV, loss_name, {}, rollout_logp=rollout)
+    assert m["micro_batches"] >= 3 and m["skipped"] == 0
+    assert m["loss"] == pytest.approx(ref_loss, rel=1e-5)
+    assert m["grad_norm"] == pytest.approx(ref_norm, rel=1e-4)
+    valid = mask.bool()
+    assert m["mismatch_logp_abs_diff_mean"] == pytest.approx(float((naive - rollout)[valid].abs().mean()), rel=1e-4)
+    if loss_name == "sapo":
+        assert m["gate_weight_mean"] == pytest.approx(1.0, abs=1e-6)  # r = 1 exactly: w = 4 p (1 - p) = 1
+    assert_same_update(before, weights(learner), ref_after)
+    with pytest.raises(ValueError, match="tis_cap needs old_logp"):
+        learner.update(policy_batch, None, ADV, loss_name, {}, rollout_logp=rollout, tis_cap=2.0)
+
+
 @pytest.mark.parametrize(("loss_name", "hparams"), [("sapo", {}), ("dapo", {}), ("drgrpo", {"max_length": 12})])
 def test_micro_batch_split_does_not_change_the_update(small_qwen25_dir, policy_batch, loss_name, hparams):
     """One micro-batch vs three of 1, 2 and 2 rows: same loss, gradient norm and parameters (with one row each, a

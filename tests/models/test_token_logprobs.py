@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from vlm_sapo.models.logprobs import build_policy_inputs, token_logprobs
+from vlm_sapo.models.logprobs import build_policy_inputs, chunked_logprobs, token_logprobs
 from vlm_sapo.models.tokenizer import non_text_token_ids
 
 EOS, PAD = 151645, 151643
@@ -130,10 +130,13 @@ def test_gradients_equal_naive(tiny):
     assert any(g.abs().sum() > 0 for n, g in ref_grads.items() if n.startswith("model.visual"))
     assert ref_grads["lm_head.weight"].abs().sum() > 0
 
-    # The checkpoint path does not depend on the family: check it once.
-    for impl in ("fused", "checkpoint") if model.config.model_type == "qwen2_5_vl" else ("fused",):
+    # The checkpoint path does not depend on the family: check it once. The fused path keeps the probabilities for
+    # the backward (default budget) or recomputes them (budget 0).
+    impls = [("fused", None), ("fused", 0)] + [("checkpoint", None)] * (model.config.model_type == "qwen2_5_vl")
+    for impl, keep in impls:
         model.zero_grad()
-        logp, _ = token_logprobs(model, inputs, temperature=0.9, chunk_size=4, impl=impl)
+        extra = {} if keep is None else {"keep_probs_bytes": keep}
+        logp, _ = token_logprobs(model, inputs, temperature=0.9, chunk_size=4, impl=impl, **extra)
         assert logp.requires_grad
         (logp * weights).sum().backward()
         for name, p in named:
@@ -258,3 +261,35 @@ def test_bad_arguments(tiny):
         token_logprobs(model, {"input_ids": inputs["input_ids"]})
     with pytest.raises(ValueError, match="completion_mask has shape"):
         token_logprobs(model, inputs, completion_mask=inputs["completion_mask"][:, :-1])
+
+
+@pytest.mark.parametrize("keep_probs_bytes", [0, 1 << 30])
+@pytest.mark.parametrize(("temperature", "chunk_size"), [(1.0, 1024), (0.7, 5)])
+def test_chunked_logprobs_values_and_gradients_equal_naive(keep_probs_bytes, temperature, chunk_size):
+    """The fused kernel alone against log_softmax of the full logits: values, entropy and both gradients to 1e-5,
+    with the probabilities kept from forward to backward or recomputed, and a second backward (retain_graph)."""
+    g = torch.Generator().manual_seed(0)
+    n, hid, vocab = 23, 16, 3001
+    hidden = (torch.randn(n, hid, generator=g)).requires_grad_()
+    weight = (torch.randn(vocab, hid, generator=g) * 0.5).requires_grad_()
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    upstream = torch.randn(n, generator=g)
+
+    logits = (hidden @ weight.t()).double() / temperature
+    ref_all = torch.log_softmax(logits, -1)
+    ref = ref_all.gather(-1, targets[:, None]).squeeze(-1)
+    ref_ent = -(ref_all.exp() * ref_all).sum(-1)
+    rh, rw = torch.autograd.grad((ref * upstream).sum(), (hidden, weight))
+
+    logp, ent = chunked_logprobs(hidden, weight, targets, temperature=temperature, chunk_size=chunk_size,
+                                 return_entropy=True, keep_probs_bytes=keep_probs_bytes)
+    torch.testing.assert_close(logp.double(), ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ent.double(), ref_ent, rtol=0, atol=1e-5)
+    for _ in range(2):  # the kept probabilities are consumed by the first backward; the second recomputes
+        gh, gw = torch.autograd.grad((logp * upstream).sum(), (hidden, weight), retain_graph=True)
+        torch.testing.assert_close(gh, rh, rtol=0, atol=1e-5)
+        torch.testing.assert_close(gw, rw, rtol=0, atol=1e-5)
+    with torch.no_grad():  # no gradient wanted: nothing kept, same values
+        again, _ = chunked_logprobs(hidden, weight, targets, temperature=temperature, chunk_size=chunk_size,
+                                    keep_probs_bytes=keep_probs_bytes)
+    torch.testing.assert_close(again, logp.detach(), rtol=0, atol=1e-6)

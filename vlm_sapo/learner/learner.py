@@ -10,7 +10,7 @@ Loss scaling, the part that is easy to get subtly wrong:
 - ranks must make the same collective calls in the same order: a rank with fewer micro-batches runs extra
   zero-weight passes; a micro-batch without images runs the vision tower on a blank image (see `_TokenLogprobs`);
   under ZeRO-3 each micro-batch scores its tokens in one lm_head chunk. All ranks must pass the same options
-  (loss, rollout_logp or not, kl_coef) to `update`.
+  (loss, rollout_logp or not, old_logp or None, kl_coef) to `update`.
 
 A non-finite loss or gradient norm on any rank makes DeepSpeed's ZeRO optimizer skip the step (gradients zeroed, no
 optimizer or scheduler step); the learner reports `skipped=1` and counts consecutive skips in `nonfinite_in_a_row`.
@@ -42,7 +42,7 @@ from vlm_sapo.learner import dist_env
 from vlm_sapo.learner.ds_config import build_ds_config
 from vlm_sapo.learner.lora import apply_lora, freeze_vision_params, vision_tower
 from vlm_sapo.learner.micro_batches import BatchLayout, MicroBatch, batch_layout, plan_micro_batches, slice_batch
-from vlm_sapo.learner.optim import lr_multiplier, param_groups
+from vlm_sapo.learner.optim import adamw, lr_multiplier, param_groups
 from vlm_sapo.learner.weights import hf_model, named_full_weights
 from vlm_sapo.models.logprobs import token_logprobs
 
@@ -118,7 +118,7 @@ class Learner:
             # Non-reentrant checkpointing needs no input grads, so it also works with frozen embeddings (LoRA).
             hf_model(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-        optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
+        optimizer = adamw(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(lr_schedule, warmup_steps, total_steps))
         ds_config = build_ds_config(zero_stage=zero_stage, bf16=self.bf16, grad_clip=grad_clip,
                                     user_config=deepspeed_config)
@@ -203,7 +203,7 @@ class Learner:
     def update(
         self,
         batch: dict,
-        old_logp: torch.Tensor,
+        old_logp: torch.Tensor | None,
         advantages: torch.Tensor,
         loss_name: str,
         loss_hparams: dict[str, Any] | None = None,
@@ -219,6 +219,10 @@ class Learner:
         `old_logp`, `rollout_logp`, `ref_logp` and per-token `advantages` are `[B, L]`, aligned with
         `batch["input_ids"]`; `advantages` may also be `[B]`. `rollout_logp` adds the train/rollout mismatch metrics
         and, with `tis_cap`, multiplies the advantages by the truncated importance weight min(pi_old/pi_rollout, cap).
+
+        `old_logp=None` is the on-policy case (one update on a batch just sampled by the current weights): pi_old is
+        the current policy itself, so each micro-batch uses the detached logprobs of its own forward as old_logp. The
+        ratio is then exactly 1 with the gradient of logp, and no separate no-grad pass is spent recomputing them.
         """
         t0 = time.perf_counter()
         hparams = dict(loss_hparams or {})
@@ -227,7 +231,9 @@ class Learner:
         max_length = hparams.get("max_length", _default(loss_fn, "max_length"))
         mask_full = _completion_mask(batch)
         shape = tuple(mask_full.shape)
-        _check_shape("old_logp", old_logp, shape)
+        on_policy = old_logp is None
+        if not on_policy:
+            _check_shape("old_logp", old_logp, shape)
         if advantages.dim() == 1:
             if advantages.shape[0] != shape[0]:
                 raise ValueError(f"advantages has {advantages.shape[0]} rows, the batch {shape[0]}")
@@ -243,14 +249,11 @@ class Learner:
         per_token = {"entropy"}
         if rollout_logp is not None:
             _check_shape("rollout_logp", rollout_logp, shape)
-            n_tok = float(mask_full.sum())
-            for k, v in mismatch_metrics(old_logp, rollout_logp, mask_full).items():
-                if k.endswith("_max"):
-                    maxes[k] = v
-                else:
-                    sums[k] = v * n_tok
-                    per_token.add(k)
+            if not on_policy:
+                self._add_mismatch(sums, maxes, per_token, old_logp, rollout_logp, mask_full)
             if tis_cap is not None:
+                if on_policy:
+                    raise ValueError("tis_cap needs old_logp (the weights are taken before the first forward)")
                 w = truncated_is_weight(old_logp, rollout_logp, tis_cap)
                 adv = adv * w
                 valid = mask_full.bool()
@@ -280,9 +283,9 @@ class Learner:
             part = self._to_device(slice_batch(batch, mb, layout))
             mask = part.pop("completion_mask")
             rows, cols = mb.rows, mb.cols
-            old = old_logp[rows][:, cols].to(self.device).float()
             a = adv[rows][:, cols].to(self.device)
             logp, entropy = self._forward(part, mask, entropy=self.track_entropy)
+            old = logp.detach().float() if on_policy else old_logp[rows][:, cols].to(self.device).float()
             loss, _ = loss_fn(logp.float(), old, a, mask, **hparams)
             weight = aggregation_weight(mode, mask) if real else 0  # extra passes only keep ranks in step
             total = loss
@@ -302,6 +305,10 @@ class Learner:
                 _add(sums, "entropy", float(torch.where(mask.bool(), entropy.detach().float(), 0.0).sum()))
         # The loss's own metrics over the whole local batch at once: exact whatever their normaliser (tokens or
         # sequences); across ranks they are weighted by tokens.
+        if on_policy:
+            old_logp = logp_full  # rows left out of the plan have no completion token: 0 in both
+            if rollout_logp is not None:
+                self._add_mismatch(sums, maxes, per_token, old_logp, rollout_logp, mask_full)
         with torch.no_grad():
             _, metrics = loss_fn(logp_full, old_logp.float().cpu(), adv.cpu(), mask_full.cpu(), **hparams)
         for k, v in metrics.items():
@@ -327,6 +334,18 @@ class Learner:
                    tokens=total_tokens, micro_batches=float(passes), time_s=elapsed,
                    learner_tokens_per_s=total_attended / elapsed if elapsed > 0 else 0.0)
         return out
+
+    @staticmethod
+    def _add_mismatch(sums: dict[str, float], maxes: dict[str, float], per_token: set[str], old_logp: torch.Tensor,
+                      rollout_logp: torch.Tensor, mask: torch.Tensor) -> None:
+        """Train/rollout mismatch metrics (pi_old against the engine's logprobs), as token-weighted sums."""
+        n_tok = float(mask.sum())
+        for k, v in mismatch_metrics(old_logp.cpu(), rollout_logp.cpu(), mask.cpu()).items():
+            if k.endswith("_max"):
+                maxes[k] = v
+            else:
+                sums[k] = v * n_tok
+                per_token.add(k)
 
     def _reduce(self, sums: dict[str, float], maxes: dict[str, float], per_token: set[str], total_weight: float,
                 total_tokens: float) -> dict[str, float]:

@@ -44,3 +44,17 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         raise ValueError("the policy has no trainable parameter (everything frozen?)")
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
+
+
+def adamw(groups: list[dict], *, lr: float, betas: tuple[float, float], eps: float) -> torch.optim.AdamW:
+    """torch AdamW, fused where every parameter's device has the fused kernel (CPU and CUDA do).
+
+    The fused kernel is the same update in one pass over each tensor; the default for-loop implementation makes about
+    ten passes (on one CPU thread, 0.26 s against 0.04 s for the 39 M parameters of a tiny model with Qwen's vocabulary).
+    """
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices  # what AdamW itself checks
+
+    params = [p for g in groups for p in g["params"]]
+    supported = set(_get_fused_kernels_supported_devices())
+    fused = bool(params) and all(p.device.type in supported and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)

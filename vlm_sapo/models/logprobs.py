@@ -3,7 +3,8 @@
 At Qwen's 151,936-token vocabulary the fp32 logits of 8 x 1024 tokens are 5 GB, and a naive log_softmax + backward
 holds three or four such tensors. Here the backbone returns final hidden states; the lm_head, the fp32 log-softmax
 and its gradient run chunk by chunk over only the tokens that are scored (usually the completion), and the backward
-recomputes each chunk's logits instead of keeping them. Values and gradients equal the naive computation.
+recomputes each chunk's logits instead of keeping them, unless all of them fit a small budget (`KEEP_PROBS_BYTES`),
+where keeping them saves a matmul. Values and gradients equal the naive computation.
 
 Positions: Qwen-VL uses 3-D mRoPE ids that depend on every image's grid. They are rebuilt here for the whole
 prompt + completion with the model's own `get_rope_index`, from `mm_token_type_ids` and the attention mask, so the
@@ -68,38 +69,55 @@ def scored_positions(attention_mask: torch.Tensor, completion_mask: torch.Tensor
     return valid
 
 
+# The forward keeps exp(logits - max) for the backward while it fits in this many bytes: the backward then needs two
+# matmuls with the lm_head instead of three (one recomputes the logits). Past it, the logits are recomputed.
+KEEP_PROBS_BYTES = 256 * 2**20
+
+
 class _ChunkedLogprob(torch.autograd.Function):
     """logp[n] = log_softmax(h[n] @ W.T / temperature)[target[n]], chunk by chunk, in fp32.
 
-    The forward keeps only the per-row log-sum-exp; the backward recomputes one chunk of logits at a time, so
-    neither pass holds more than one [chunk, vocab] fp32 buffer, reused across chunks (fresh multi-GB allocations
-    cost as much as the arithmetic on CPU). Entropy (optional) is computed without gradient.
+    The forward keeps the per-row log-sum-exp, and, when `keep_bytes` allows and a gradient is needed, the
+    unnormalised probabilities exp(z - max) of every row ([N, vocab] fp32). The backward uses those, or recomputes
+    one chunk of logits at a time, so the recomputing path never holds more than one [chunk, vocab] fp32 buffer,
+    reused across chunks (fresh multi-GB allocations cost as much as the arithmetic on CPU). Entropy (optional) is
+    computed without gradient.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, chunk_size, want_entropy):
-        n = hidden.shape[0]
+    def forward(ctx, hidden, weight, targets, temperature, chunk_size, want_entropy, keep_bytes=0):
+        n, vocab = hidden.shape[0], weight.shape[0]
         f32 = dict(dtype=torch.float32, device=hidden.device)
         logp, lse = torch.empty(n, **f32), torch.empty(n, **f32)
         entropy = torch.empty(n, **f32) if want_entropy else torch.zeros(0, **f32)
-        buf = torch.empty(min(chunk_size, n), weight.shape[0], **f32)
-        for s in range(0, n, chunk_size):
-            z = _logits_into(buf, hidden[s : s + chunk_size], weight, temperature)
-            rows = slice(s, s + z.shape[0])
+        keep = n > 0 and any(ctx.needs_input_grad[:2]) and n * vocab * 4 <= keep_bytes
+        kept = torch.empty(n, vocab, **f32) if keep else None
+        inv_sum = torch.empty(n, **f32) if keep else None
+        step = min(chunk_size, 128) if keep else chunk_size  # kept rows need no big scratch buffer
+        rows_max = max(1, min(step, n))
+        buf = torch.empty(rows_max, vocab, **f32)
+        ebuf = torch.empty(rows_max, vocab, **f32) if want_entropy and not keep else None
+        for s in range(0, n, step):
+            z = _logits_into(buf, hidden[s : s + step], weight, temperature)
+            m = z.shape[0]
+            rows = slice(s, s + m)
             target_z = z.gather(-1, targets[rows, None]).squeeze(-1)
             z_max = z.amax(-1, keepdim=True)
             z.sub_(z_max)  # y = z - max, in place
-            if want_entropy:  # H = log(sum e^y) - sum(e^y * y) / sum(e^y)
-                e = torch.exp(z)
+            if kept is not None or ebuf is not None:  # e = exp(y) beside y
+                e = torch.exp(z, out=kept[rows] if kept is not None else ebuf[:m])
                 sum_exp = e.sum(-1)
-                entropy[rows] = sum_exp.log() - e.mul_(z).sum(-1) / sum_exp
-                del e
+                if want_entropy:  # H = log(sum e^y) - sum(e^y * y) / sum(e^y)
+                    entropy[rows] = sum_exp.log() - z.mul_(e).sum(-1) / sum_exp
+                if inv_sum is not None:
+                    inv_sum[rows] = sum_exp.reciprocal()
             else:
                 sum_exp = z.exp_().sum(-1)
             lse[rows] = z_max.squeeze(-1) + sum_exp.log()
             logp[rows] = target_z - lse[rows]
-        del buf
+        del buf, ebuf
         ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.kept, ctx.inv_sum = kept, inv_sum
         ctx.temperature = temperature
         ctx.chunk_size = chunk_size
         ctx.mark_non_differentiable(entropy)
@@ -108,12 +126,15 @@ class _ChunkedLogprob(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, _grad_entropy):
         hidden, weight, targets, lse = ctx.saved_tensors
+        kept, inv_sum = ctx.kept, ctx.inv_sum
+        ctx.kept = ctx.inv_sum = None  # consumed in place below: a second backward (retain_graph) recomputes
         temperature, chunk = ctx.temperature, ctx.chunk_size
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n = hidden.shape[0]
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        buf = torch.empty(min(chunk, n), weight.shape[0], dtype=torch.float32, device=hidden.device)
+        buf = None if kept is not None else torch.empty(min(chunk, n), weight.shape[0], dtype=torch.float32,
+                                                        device=hidden.device)
         # d logp / d z = onehot - softmax(z) with z = logits / T: the chain rule to h and W carries 1 / T.
         g_all = grad_logp.float() / temperature
         fp32 = weight.dtype == torch.float32 and hidden.dtype == torch.float32
@@ -121,8 +142,11 @@ class _ChunkedLogprob(torch.autograd.Function):
             h = hidden[s : s + chunk]
             rows = slice(s, s + h.shape[0])
             g = g_all[rows]
-            z = _logits_into(buf, h, weight, temperature)
-            z.sub_(lse[rows, None]).exp_().mul_(-g[:, None])  # -g * softmax
+            if kept is not None:  # softmax = e * (1 / sum e)
+                z = kept[rows].mul_((-g * inv_sum[rows])[:, None])  # -g * softmax
+            else:
+                z = _logits_into(buf, h, weight, temperature)
+                z.sub_(lse[rows, None]).exp_().mul_(-g[:, None])  # -g * softmax
             z[torch.arange(h.shape[0], device=h.device), targets[rows]] += g
             if need_h:
                 if fp32:
@@ -134,8 +158,8 @@ class _ChunkedLogprob(torch.autograd.Function):
                     grad_w.addmm_(z.t(), h)
                 else:
                     grad_w.add_((z.t().to(hidden.dtype) @ h).float())
-        del buf
-        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None
+        del buf, kept
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None, None
 
 
 def _logits_into(buf: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -186,14 +210,18 @@ def chunked_logprobs(
     temperature: float = 1.0,
     chunk_size: int = 1024,
     return_entropy: bool = False,
+    keep_probs_bytes: int = KEEP_PROBS_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logp[n] = log_softmax(hidden[n] @ weight.T / temperature)[targets[n]] in fp32, for [N, H] hidden rows.
 
-    Never holds more than [chunk_size, vocab] logits, forward or backward (the backward recomputes them).
+    Holds [N, vocab] probabilities from forward to backward when that is at most `keep_probs_bytes` (saving the
+    backward one matmul with the lm_head), else never more than [chunk_size, vocab] logits (the backward recomputes
+    them). Both give the same values and gradients.
     """
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(f"need hidden [N, H] and targets [N], got {tuple(hidden.shape)} and {tuple(targets.shape)}")
-    logp, entropy = _ChunkedLogprob.apply(hidden, weight, targets, temperature, chunk_size, return_entropy)
+    keep = keep_probs_bytes if torch.is_grad_enabled() else 0  # ctx.needs_input_grad ignores no_grad
+    logp, entropy = _ChunkedLogprob.apply(hidden, weight, targets, temperature, chunk_size, return_entropy, keep)
     return logp, (entropy if return_entropy else None)
 
 
@@ -210,6 +238,7 @@ def token_logprobs(
     return_entropy: bool = False,
     completion_mask: torch.Tensor | None = None,
     impl: str = "auto",
+    keep_probs_bytes: int = KEEP_PROBS_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logp[b, t] = log_softmax(logits[b, t-1] / temperature)[input_ids[b, t]] in fp32, aligned to input_ids.
 
@@ -220,6 +249,7 @@ def token_logprobs(
     model unless called under `torch.no_grad()`; entropy never has a gradient.
     `impl`: "fused" (a custom autograd function, fastest), "checkpoint" (per-chunk checkpoint through the lm_head
     module, works with ZeRO-3 partitioned weights) or "auto" (fused unless the weight is partitioned).
+    `keep_probs_bytes`: see `chunked_logprobs` (fused path only).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -262,7 +292,8 @@ def token_logprobs(
         logp_sel, ent_sel = _checkpointed_logprob(lm.lm_head, h, targets, temperature, chunk_size, return_entropy)
     else:
         logp_sel, ent_sel = chunked_logprobs(
-            h, weight, targets, temperature=temperature, chunk_size=chunk_size, return_entropy=return_entropy
+            h, weight, targets, temperature=temperature, chunk_size=chunk_size, return_entropy=return_entropy,
+            keep_probs_bytes=keep_probs_bytes,
         )
 
     logp = torch.zeros(input_ids.shape, dtype=torch.float32, device=hidden.device)

@@ -197,6 +197,10 @@ def _tokenizer_for(vocab: str, family: str):
     raise ValueError(f"unknown vocabulary {vocab!r}; available: {', '.join(VOCABS)}")
 
 
+# The special tokens whose ids the model config and generation config name.
+CONFIG_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+
+
 def build_tiny(
     out_dir: str | os.PathLike,
     family: str = "qwen2_5_vl",
@@ -214,8 +218,6 @@ def build_tiny(
     `overrides` resize the model: text keys as they are (`hidden_size=64`), vision keys prefixed (`vision_depth=1`).
     The folder is written next to `out_dir` and renamed into place, so a crash never leaves a half checkpoint.
     """
-    import torch
-    from transformers import AutoModelForImageTextToText, GenerationConfig
 
     out = Path(out_dir)
     _classes(family)  # validate the family before any work
@@ -225,10 +227,7 @@ def build_tiny(
     tokenizer, vocab_size = _tokenizer_for(vocab, family)
     if vocab == "qwen2":
         check_qwen_vl_token_ids(tokenizer, family)
-    token_ids = {
-        t: tokenizer.convert_tokens_to_ids(t)
-        for t in ("<|endoftext|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
-    }
+    token_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in CONFIG_TOKENS}
     if len(tokenizer) > vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model only {vocab_size} embedding rows")
     config = tiny_config(
@@ -236,6 +235,16 @@ def build_tiny(
     )
     processor = tiny_processor(family, tokenizer, min_pixels=min_pixels, max_pixels=max_pixels)
 
+    return write_random_checkpoint(out, config, processor, token_ids, seed=seed)
+
+
+def write_random_checkpoint(out: Path, config: Any, processor: Any, token_ids: dict[str, int], *, seed: int) -> Path:
+    """A random model from `config` with its processor, written to a temporary folder and renamed into place, so a
+    crash never leaves half a checkpoint."""
+    import torch
+    from transformers import AutoModelForImageTextToText, GenerationConfig
+
+    out = Path(out)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
@@ -244,7 +253,6 @@ def build_tiny(
         eos_token_id=token_ids["<|im_end|>"],
         pad_token_id=token_ids["<|endoftext|>"],
     )
-
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -7,6 +7,11 @@ the vision / unused tokens. So the reported logprobs are the temperature-only, f
 
 The checkpoint's `generation_config` (Qwen ships repetition_penalty, top_k, temperature there) is swapped for a
 neutral one during each call, so sampling is exactly `SamplingConfig` and nothing else.
+
+Sampling without top-k/top-p (the RL default) draws the token inside that same processor, from the probabilities it
+already has, by inverse CDF in two levels (`sample_categorical`), and hands generate a one-hot score to take
+greedily. `torch.multinomial` draws one exponential variate per vocabulary entry (151,936 per row and step for Qwen),
+which made it the largest single cost of a CPU rollout; one uniform per row gives the same distribution.
 """
 
 from __future__ import annotations
@@ -60,12 +65,41 @@ def collate_left(rows: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch
     return out
 
 
-class _TemperatureLogprobs:
-    """Logits processor: records log_softmax(raw / T) of each sampled token, then bans `banned` ids."""
+def sample_categorical(probs: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """One index per row of `probs` ([rows, V], >= 0, any positive total), drawn with probability probs / row total.
 
-    def __init__(self, temperature: float, banned: torch.Tensor):
+    Inverse CDF in two levels, with one float64 uniform per row from torch's default generator of that device: the
+    block (of `block` entries) by the cumulative sums of block totals, then the entry by the cumulative sum inside that
+    block. Exact in distribution up to float64 rounding; zero-probability entries are never drawn.
+    """
+    rows, vocab = probs.shape
+    nb = -(-vocab // block)
+    p = probs if nb * block == vocab else torch.nn.functional.pad(probs, (0, nb * block - vocab))
+    p = p.view(rows, nb, block)
+    cdf = p.sum(-1, dtype=torch.float64).cumsum_(-1)  # [rows, blocks]
+    u = torch.rand(rows, 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
+    b = torch.searchsorted(cdf, u, right=True).clamp_(max=nb - 1)  # first block whose cumulative total exceeds u
+    before = torch.where(b > 0, cdf.gather(1, (b - 1).clamp(min=0)), torch.zeros_like(u))
+    inner = p[torch.arange(rows, device=probs.device), b.squeeze(1)].to(torch.float64).cumsum_(-1)  # [rows, block]
+    # Rounding may put u - before at or past the block's own total; below it, the first entry whose cumulative sum
+    # exceeds it always has positive probability.
+    top = torch.nextafter(inner[:, -1:], torch.zeros_like(u))
+    rest = torch.minimum((u - before).clamp_(min=0.0), top)
+    j = torch.searchsorted(inner, rest, right=True).clamp_(max=block - 1)
+    return (b * block + j).squeeze(1)
+
+
+class _TemperatureLogprobs:
+    """Logits processor: records log_softmax(raw / T) of each sampled token, then bans `banned` ids.
+
+    With `sample`, it also draws the next token from softmax(raw / T) over the allowed ids (what generate's
+    temperature warper and multinomial would draw) and returns scores that make generate's greedy step pick it.
+    """
+
+    def __init__(self, temperature: float, banned: torch.Tensor, sample: bool = False):
         self.temperature = temperature
         self.banned = banned
+        self.sample = sample
         self.prev: torch.Tensor | None = None
         self.steps: list[torch.Tensor] = []
         self.stamps: list[float] = []
@@ -73,10 +107,18 @@ class _TemperatureLogprobs:
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.prev is not None:  # the token sampled at the previous step is now the last input id
             self.steps.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
-        self.prev = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        z = scores.float()
+        self.prev = torch.log_softmax(z if self.temperature == 1.0 else z / self.temperature, dim=-1)
         self.stamps.append(time.perf_counter())
         if self.banned.device != scores.device:
             self.banned = self.banned.to(scores.device)
+        if self.sample:
+            # Normalised over the allowed ids only (not exp(prev) with banned ids zeroed, which underflows to all
+            # zeros when a banned token holds nearly all the mass), as generate's warper + softmax would.
+            w = z / self.temperature if self.temperature != 1.0 else z.clone()
+            w[:, self.banned] = float("-inf")
+            token = sample_categorical(w.sub_(w.amax(-1, keepdim=True)).exp_())
+            return torch.full_like(scores, float("-inf")).scatter_(1, token[:, None], 0.0)
         scores = scores.clone()  # never write into the tensor generate handed us
         scores[:, self.banned] = float("-inf")
         return scores
@@ -191,13 +233,18 @@ class HFRolloutEngine:
         batch = {k: v.to(device) for k, v in batch.items()}
         prompt_len = int(batch["input_ids"].shape[1])
 
-        recorder = _TemperatureLogprobs(sampling.logprob_temperature, torch.tensor(self.banned_ids))
+        # Plain temperature sampling is drawn by the recorder itself (see the module docstring); top-k / top-p stay
+        # with generate's own warpers and multinomial.
+        own_sampler = not sampling.greedy and sampling.top_p >= 1.0 and sampling.top_k_or_none is None
+        warp = not sampling.greedy and not own_sampler
+        recorder = _TemperatureLogprobs(sampling.logprob_temperature, torch.tensor(self.banned_ids),
+                                        sample=own_sampler)
         stops = _StopStrings(self.tokenizer, sampling.stop, prompt_len) if sampling.stop else None
         config = GenerationConfig(
-            do_sample=not sampling.greedy,
-            temperature=None if sampling.greedy else sampling.temperature,
-            top_p=None if sampling.greedy else sampling.top_p,
-            top_k=None if sampling.greedy else (sampling.top_k_or_none or 0),  # None would mean transformers' 50
+            do_sample=warp,
+            temperature=sampling.temperature if warp else None,
+            top_p=sampling.top_p if warp else None,
+            top_k=(sampling.top_k_or_none or 0) if warp else None,  # None would mean transformers' 50
             max_new_tokens=sampling.max_new_tokens,
             eos_token_id=self.stop_ids,
             pad_token_id=self.pad_id,

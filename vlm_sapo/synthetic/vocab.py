@@ -11,8 +11,6 @@ the real chat template, processor and model classes. `<think>`, `</think>`, `<an
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ from typing import Any
 from tokenizers import AddedToken, Tokenizer, pre_tokenizers, trainers
 from tokenizers.models import BPE
 
-from vlm_sapo.models.tiny import tiny_config, tiny_processor
+from vlm_sapo.models.tiny import CONFIG_TOKENS, tiny_config, tiny_processor, write_random_checkpoint
 from vlm_sapo.models.tokenizer import QWEN2_VL_CHAT_TEMPLATE, _base_tokenizer_from, qwen_vl_token_list
 
 TAG_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")
@@ -84,33 +82,11 @@ def build_small_vocab_tiny(
     `overrides` size the model like `vlm_sapo.models.tiny.build_tiny` (`hidden_size=`, `vision_depth=`, ...). Written
     to a temporary folder and renamed into place, so a crash never leaves half a checkpoint.
     """
-    import torch
-    from transformers import AutoModelForImageTextToText, GenerationConfig
-
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it")
     tok = train_small_tokenizer(texts, vocab_size=vocab_size, family=family)
-    names = ("<|endoftext|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
-    token_ids = {t: tok.convert_tokens_to_ids(t) for t in names}
+    token_ids = {t: tok.convert_tokens_to_ids(t) for t in CONFIG_TOKENS}
     config = tiny_config(family, vocab_size=len(tok), token_ids=token_ids, tie_word_embeddings=True, **overrides)
     processor = tiny_processor(family, tok, min_pixels=min_pixels, max_pixels=max_pixels)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
-    model.generation_config = GenerationConfig(bos_token_id=token_ids["<|endoftext|>"],
-                                               eos_token_id=token_ids["<|im_end|>"],
-                                               pad_token_id=token_ids["<|endoftext|>"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return write_random_checkpoint(out, config, processor, token_ids, seed=seed)

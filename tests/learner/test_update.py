@@ -339,3 +339,18 @@ def test_bf16_updates_and_guards_like_fp32(small_qwen25_dir, policy_batch):
     bad[0] = float("inf")
     assert learner.update(policy_batch, old, bad, "sapo", {})["skipped"] == 1
     assert all(torch.equal(before[n], t) for n, t in weights(learner).items())
+
+
+def test_a_new_learner_after_the_process_group_was_destroyed_elsewhere(small_qwen25_dir, policy_batch):
+    # vLLM's engine shutdown destroys torch's default group directly (not through DeepSpeed): a learner made after
+    # it must get a working group, not DeepSpeed's stale clone of the old one ("Group ... is not registered").
+    first = make_learner(small_qwen25_dir, zero_stage=2)
+    reference = first.compute_logprobs(policy_batch)
+    del first
+    torch.distributed.destroy_process_group()
+    second = make_learner(small_qwen25_dir, zero_stage=2)
+    assert torch.distributed.is_initialized()
+    old = second.compute_logprobs(policy_batch)
+    assert torch.allclose(old, reference, atol=1e-6)  # the same weights score the same
+    assert second.update(policy_batch, old, ADV, "sapo", {})["skipped"] == 0
+    assert not torch.allclose(second.compute_logprobs(policy_batch), old)  # and the update went through

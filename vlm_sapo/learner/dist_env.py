@@ -54,12 +54,21 @@ def skip_shm_comm_build() -> None:
 
 
 def init_distributed() -> None:
-    """Start the process group once (DeepSpeed's `init_distributed` is a no-op when one exists)."""
+    """Start the process group once (DeepSpeed's `init_distributed` is a no-op when one exists).
+
+    A group torn down behind DeepSpeed's back (vLLM's engine shutdown destroys torch's default group, see
+    `VLLMRolloutEngine.close`) leaves DeepSpeed holding its clone of the old world group, and the next engine would
+    fail with "Group ... is not registered". So when this call creates the group, DeepSpeed's cached references to
+    any earlier one are released first, as DeepSpeed's own `destroy_process_group` would have done.
+    """
     ensure_dist_env()
     import deepspeed
+    from deepspeed.utils import groups
 
     if not on_gpu():
         skip_shm_comm_build()
+    if not torch.distributed.is_initialized():
+        groups._release_process_group_references(None)
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu() else "gloo", auto_mpi_discovery=False, verbose=False)
 
 

@@ -28,6 +28,8 @@ from pydantic import (
     model_validator,
 )
 
+from vlm_sapo.suggest import did_you_mean
+
 
 class RecipeError(ValueError):
     """A recipe that cannot be used; ``problems`` holds one line per error, each naming its dotted key."""
@@ -236,8 +238,7 @@ class Recipe(Strict):
 # ------------------------------------------------------------------------------------------------- name validation
 def _check_registered(name: str, valid: list[str], what: str) -> None:
     if name not in valid:
-        close = difflib.get_close_matches(name, valid, n=1)
-        hint = f"; did you mean `{close[0]}`?" if close else ""
+        hint = did_you_mean(name, valid, quote=lambda s: f"`{s}`")
         raise ValueError(f"unknown {what} `{name}` (valid: {', '.join(sorted(valid))}){hint}")
 
 

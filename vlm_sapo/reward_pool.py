@@ -17,7 +17,6 @@ main script (torch included) into every worker. A fresh worker starts in about h
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import importlib
 import importlib.util
@@ -41,6 +40,8 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple
+
+from vlm_sapo.suggest import did_you_mean
 
 logger = logging.getLogger("vlm_sapo.rewards")
 
@@ -208,11 +209,10 @@ def _resolve(name: str) -> tuple[Callable[..., Any], str]:
             raise RewardError(f"reward entry point {name!r} ({found[0].value}) is not a function")
         return fn, name
     installed = sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
-    close = difflib.get_close_matches(name, [*BUILTIN_REWARDS, *installed], n=1)
     raise RewardError(
         f"unknown reward {name!r}: not a built-in ({', '.join(BUILTIN_REWARDS)}), not `path/to/file.py:function`, and "
         f"not an entry point in group '{ENTRY_POINT_GROUP}' (installed: {', '.join(installed) or 'none'})"
-        + (f"; did you mean {close[0]!r}?" if close else "")
+        + did_you_mean(name, [*BUILTIN_REWARDS, *installed])
     )
 
 

@@ -20,7 +20,6 @@ datasets with several configs must be given as a local folder (the loader takes 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -30,6 +29,7 @@ from typing import Any, Literal
 
 from vlm_sapo.data import BadRow, DataError, Sample, load_samples
 from vlm_sapo.eval import mathvista_reward
+from vlm_sapo.suggest import did_you_mean
 from vlm_sapo.tasks import Task, get_task, list_tasks, register_task
 from vlm_sapo.tasks.math import math_instruction
 
@@ -91,8 +91,7 @@ def get_benchmark(name: str) -> BenchmarkSpec:
     try:
         return _BENCHMARKS[name]
     except KeyError:
-        close = difflib.get_close_matches(name, list(_BENCHMARKS), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(name, _BENCHMARKS)
         raise KeyError(f"unknown benchmark {name!r} (registered: {', '.join(sorted(_BENCHMARKS))}, or "
                        f"jsonl:PATH){hint}") from None
 

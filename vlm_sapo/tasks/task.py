@@ -7,12 +7,12 @@ can load it) and the benchmark metric, which is one key of that same reward's sc
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from vlm_sapo.reward_pool import RewardSpec, load_reward
+from vlm_sapo.suggest import did_you_mean
 
 FORMAT_INSTRUCTION = (
     "First think step by step inside <think> </think> tags, then give only the final answer inside "
@@ -60,8 +60,7 @@ def get_task(name: str) -> Task:
     try:
         return _TASKS[name]
     except KeyError:
-        close = difflib.get_close_matches(name, list(_TASKS), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(name, _TASKS)
         raise KeyError(f"unknown task {name!r} (registered: {', '.join(sorted(_TASKS))}){hint}") from None
 
 

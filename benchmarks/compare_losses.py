@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from vlm_sapo import demo  # noqa: E402
+from vlm_sapo.metrics_log import read_metrics  # noqa: E402
 
 SMOOTH = 5  # steps in the moving average that collapse detection reads
 
@@ -94,14 +95,12 @@ def run_all(args: argparse.Namespace) -> dict:
             run_dir = out / "runs" / f"{loss}-seed{seed}"
             if proc.returncode != 0:
                 raise SystemExit(f"{loss} seed {seed} failed (exit {proc.returncode}); see {run_dir.with_suffix('.log')}")
-            from vlm_sapo.metrics_log import read_metrics
-
             rows = read_metrics(run_dir)
             rewards = [r["reward/overall"] for r in rows if "reward/overall" in r]
             after = demo.evaluate(run_dir / "hf", paths, image_pixels)
             results[loss][seed] = {"rewards": rewards, "test": after, "collapses": collapse_events(rewards),
                                    "seconds": time.perf_counter() - started}
-            print(f"[{time.perf_counter() - t0:5.0f} s] {loss} seed {seed}: {demo._fmt(after)}, "
+            print(f"[{time.perf_counter() - t0:5.0f} s] {loss} seed {seed}: {demo.format_accuracies(after)}, "
                   f"collapses {results[loss][seed]['collapses']}", flush=True)
     return {"before": before, "results": results, "settings": vars(args)}
 
@@ -134,7 +133,7 @@ def plot(summary: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(losses), figsize=(3.2 * len(losses), 3), sharey=True, squeeze=False)
     for ax, loss in zip(axes[0], losses):
         for seed, r in sorted(summary["results"][loss].items()):
-            ax.plot(range(1, len(r["rewards"]) + 1), demo._smooth(r["rewards"], SMOOTH), label=f"seed {seed}")
+            ax.plot(range(1, len(r["rewards"]) + 1), demo.moving_mean(r["rewards"], SMOOTH), label=f"seed {seed}")
         ax.set(title=loss, xlabel="RL step")
     axes[0][0].set_ylabel(f"training reward ({SMOOTH}-step mean)")
     axes[0][-1].legend(fontsize="small")

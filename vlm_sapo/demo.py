@@ -124,7 +124,7 @@ def cold_start(init_dir: Path, out: Path, paths: dict[str, dict[str, Path]], cfg
 
     processor = load_processor(init_dir)
     model = load_policy(init_dir, dtype="float32")
-    freeze_vision_params(model)  # as in RL (`learner.freeze_vision_tower` in the recipe): see DemoConfig
+    freeze_vision_params(model)  # as in RL (`model.freeze_vision_tower` in the recipe): see the module docstring
     train = prepare_examples(processor, load_split(paths, "train", cfg.sft_rows), family=MODEL_FAMILY,
                              min_pixels=image_pixels, max_pixels=image_pixels,
                              completion_for=lambda s: gold_completion(s.task, s.answer))
@@ -197,7 +197,7 @@ def plot_curves(metrics_path: Path, before: dict[str, float], after: dict[str, f
         pts = [(r["step"], r[f"reward/{family}/overall"]) for r in rows if f"reward/{family}/overall" in r]
         if pts:
             steps, vals = zip(*pts)
-            ax.plot(steps, _smooth(list(vals), 9), label=family)
+            ax.plot(steps, moving_mean(list(vals), 9), label=family)
     ax.set(xlabel="RL step", ylabel="mean reward of the rollouts (smoothed)", title="Training reward")
     ax.legend()
     fig.tight_layout()
@@ -225,7 +225,7 @@ def plot_curves(metrics_path: Path, before: dict[str, float], after: dict[str, f
     return written
 
 
-def _smooth(values: list[float], window: int) -> list[float]:
+def moving_mean(values: list[float], window: int) -> list[float]:
     out = []
     for i in range(len(values)):
         part = values[max(0, i - window + 1) : i + 1]
@@ -277,7 +277,7 @@ def run_demo(out: Path, cfg: DemoConfig, extra_overrides: list[str] | None = Non
     t = time.perf_counter()
     before = evaluate(out / "cold_start", paths, pixels, out / "test_before.jsonl")
     timings["eval before"] = time.perf_counter() - t
-    print("cold start, held-out test:", _fmt(before), flush=True)
+    print("cold start, held-out test:", format_accuracies(before), flush=True)
 
     t = time.perf_counter()
     run_dir = run_rl(out, out / "cold_start", out / "data", cfg, extra_overrides or [])
@@ -299,7 +299,7 @@ def run_demo(out: Path, cfg: DemoConfig, extra_overrides: list[str] | None = Non
     return result
 
 
-def _fmt(scores: dict[str, float]) -> str:
+def format_accuracies(scores: dict[str, float]) -> str:
     return ", ".join(f"{k} {100 * v:.1f}%" for k, v in scores.items() if k.endswith("/accuracy"))
 
 

@@ -25,10 +25,9 @@ def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def init_model(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vlm_sapo.demo import tokenizer_corpus
+    from vlm_sapo.demo import split_paths, tokenizer_corpus
 
-    paths = {f: {s: demo_data / f / f"{s}.jsonl" for s in ("train", "val", "test")}
-             for f in ("math", "chart", "grounding")}
+    paths = split_paths(demo_data)
     return build_small_vocab_tiny(tmp_path_factory.mktemp("model") / "init", tokenizer_corpus(paths),
                                   vocab_size=320, min_pixels=PIXELS, max_pixels=PIXELS)
 
@@ -80,13 +79,12 @@ def test_cold_start_loss_equals_a_plain_forward(init_model: Path, demo_data: Pat
 
 
 def test_cold_start_then_two_rl_steps(init_model: Path, demo_data: Path, tmp_path: Path) -> None:
-    from vlm_sapo.demo import RECIPE, DemoConfig, cold_start, evaluate, rl_overrides
+    from vlm_sapo.demo import RECIPE, DemoConfig, cold_start, evaluate, rl_overrides, split_paths
     from vlm_sapo.metrics_log import read_metrics
     from vlm_sapo.recipe import load_recipe
     from vlm_sapo.trainer import train
 
-    paths = {f: {s: demo_data / f / f"{s}.jsonl" for s in ("train", "val", "test")}
-             for f in ("math", "chart", "grounding")}
+    paths = split_paths(demo_data)
     cfg = DemoConfig(sft_rows=8, sft_steps=6, sft_batch=8, rl_steps=2)
     cold = cold_start(init_model, tmp_path / "cold", paths, cfg, PIXELS)
     assert cold["loss_last"] < cold["loss_first"]

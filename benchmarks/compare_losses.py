@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from vlm_sapo import demo  # noqa: E402
+from vlm_sapo import demo, demo_report  # noqa: E402
 from vlm_sapo.metrics_log import read_metrics  # noqa: E402
 
 SMOOTH = 5  # steps in the moving average that collapse detection reads
@@ -133,7 +133,7 @@ def plot(summary: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(losses), figsize=(3.2 * len(losses), 3), sharey=True, squeeze=False)
     for ax, loss in zip(axes[0], losses):
         for seed, r in sorted(summary["results"][loss].items()):
-            ax.plot(range(1, len(r["rewards"]) + 1), demo.moving_mean(r["rewards"], SMOOTH), label=f"seed {seed}")
+            ax.plot(range(1, len(r["rewards"]) + 1), demo_report.moving_mean(r["rewards"], SMOOTH), label=f"seed {seed}")
         ax.set(title=loss, xlabel="RL step")
     axes[0][0].set_ylabel(f"training reward ({SMOOTH}-step mean)")
     axes[0][-1].legend(fontsize="small")

@@ -47,7 +47,7 @@ class DemoConfig:
     """Sizes and budgets of the demo (measured on 2 CPU cores; see benchmarks/RESULTS.md)."""
 
     seed: int = 0
-    n_train: int = 1000  # rows per family
+    n_train: int = 700  # rows per family (grounding has 108 distinct scenes per answer box)
     n_val: int = 48
     n_test: int = 200
     vocab_size: int = 400
@@ -56,7 +56,8 @@ class DemoConfig:
     vision_hidden: int = 64
     vision_depth: int = 2
     sft_rows: int = 600  # rows per family seen by the cold start
-    sft_steps: int = 250
+    sft_steps: int = 400
+    sft_grounding_repeats: int = 3  # grounding rows appear 3 times per cold-start epoch: it is learnt slowest
     sft_batch: int = 32
     sft_lr: float = 3e-3
     rl_steps: int = 120
@@ -64,11 +65,13 @@ class DemoConfig:
 
 
 # ------------------------------------------------------------------------------------------------------- the stages
-def image_pixels() -> int:
-    """The synthetic images' size in pixels; the processor is pinned to it, so images are never resized."""
+def image_pixels() -> tuple[int, int]:
+    """The smallest and largest synthetic image in pixels: the processor's min/max pixels, so no image is resized
+    (every side is a multiple of 28)."""
     from vlm_sapo.synthetic import SyntheticConfig
 
-    return SyntheticConfig().image_size ** 2
+    sides = [SyntheticConfig().side(f) for f in FAMILIES]
+    return min(sides) ** 2, max(sides) ** 2
 
 
 def split_paths(data_dir: Path) -> dict[str, dict[str, Path]]:
@@ -97,12 +100,12 @@ def tokenizer_corpus(paths: dict[str, dict[str, Path]]) -> list[str]:
     return texts
 
 
-def build_model(out: Path, paths: dict[str, dict[str, Path]], cfg: DemoConfig, image_pixels: int) -> Path:
+def build_model(out: Path, paths: dict[str, dict[str, Path]], cfg: DemoConfig, pixels: tuple[int, int]) -> Path:
     from vlm_sapo.synthetic.vocab import build_small_vocab_tiny
 
     return build_small_vocab_tiny(
         out, tokenizer_corpus(paths), family=MODEL_FAMILY, vocab_size=cfg.vocab_size, seed=cfg.seed,
-        min_pixels=image_pixels, max_pixels=image_pixels, overwrite=True, hidden_size=cfg.hidden_size,
+        min_pixels=pixels[0], max_pixels=pixels[1], overwrite=True, hidden_size=cfg.hidden_size,
         intermediate_size=2 * cfg.hidden_size, num_hidden_layers=cfg.layers, vision_hidden_size=cfg.vision_hidden,
         vision_intermediate_size=2 * cfg.vision_hidden, vision_depth=cfg.vision_depth,
         vision_fullatt_block_indexes=[cfg.vision_depth - 1])
@@ -115,7 +118,7 @@ def load_split(paths: dict[str, dict[str, Path]], split: str, limit: int | None 
 
 
 def cold_start(init_dir: Path, out: Path, paths: dict[str, dict[str, Path]], cfg: DemoConfig,
-               image_pixels: int) -> dict[str, Any]:
+               pixels: tuple[int, int]) -> dict[str, Any]:
     """Supervised warm-up of the random model; saves the policy and its processor to `out`."""
     from vlm_sapo.learner.lora import freeze_vision_params
     from vlm_sapo.models.loading import load_policy, load_processor
@@ -126,8 +129,9 @@ def cold_start(init_dir: Path, out: Path, paths: dict[str, dict[str, Path]], cfg
     model = load_policy(init_dir, dtype="float32")
     freeze_vision_params(model)  # as in RL (`model.freeze_vision_tower` in the recipe): see the module docstring
     train = prepare_examples(processor, load_split(paths, "train", cfg.sft_rows), family=MODEL_FAMILY,
-                             min_pixels=image_pixels, max_pixels=image_pixels,
+                             min_pixels=pixels[0], max_pixels=pixels[1],
                              completion_for=lambda s: gold_completion(s.task, s.answer))
+    train = [e for e in train for _ in range(cfg.sft_grounding_repeats if e.sample.task == "grounding" else 1)]
     result = supervised_warmup(model, processor, train, steps=cfg.sft_steps, batch_size=cfg.sft_batch, lr=cfg.sft_lr,
                                seed=cfg.seed)
     model.save_pretrained(out)
@@ -136,21 +140,67 @@ def cold_start(init_dir: Path, out: Path, paths: dict[str, dict[str, Path]], cfg
             "loss_last": sum(result.losses[-10:]) / len(result.losses[-10:])}
 
 
-def evaluate(model_dir: Path, paths: dict[str, dict[str, Path]], image_pixels: int,
-             details_path: Path | None = None) -> dict[str, float]:
-    """Greedy accuracy on the held-out test split, scored by each task's own reward."""
+def evaluate(model_dir: Path, paths: dict[str, dict[str, Path]], pixels: tuple[int, int],
+             details_path: Path | None = None, *, shuffle_seed: int | None = None) -> dict[str, float]:
+    """Greedy accuracy on the held-out test split, scored by each task's own reward, with the spread of the answers
+    (`<task>/answers_distinct`, `<task>/answers_top_share`). With `shuffle_seed`, every row is shown another row's
+    image (the image-shuffled control)."""
     from vlm_sapo.models.loading import load_policy, load_processor
     from vlm_sapo.sft import greedy_accuracy, prepare_examples
 
-    processor = load_processor(model_dir, min_pixels=image_pixels, max_pixels=image_pixels)
+    processor = load_processor(model_dir, min_pixels=pixels[0], max_pixels=pixels[1])
     model = load_policy(model_dir, dtype="float32")
-    examples = prepare_examples(processor, load_split(paths, "test"), family=MODEL_FAMILY, min_pixels=image_pixels,
-                                max_pixels=image_pixels)
+    samples = load_split(paths, "test")
+    if shuffle_seed is not None:
+        samples = shuffle_images(samples, shuffle_seed)
+    examples = prepare_examples(processor, samples, family=MODEL_FAMILY, min_pixels=pixels[0], max_pixels=pixels[1])
     details: list[dict[str, Any]] = []
     scores = greedy_accuracy(model, processor, examples, details=details)
     if details_path is not None:
         details_path.write_text("".join(json.dumps(d, sort_keys=True) + "\n" for d in details))
     return scores
+
+
+def shuffle_images(samples: list[Any], seed: int) -> list[Any]:
+    """Each row with the image of another row of its task: a seeded derangement (row k of a random order gets the
+    image of row k + 1), so no row keeps its own image and every image is used once."""
+    import dataclasses
+    import random
+
+    out = list(samples)
+    rng = random.Random(f"shuffle-{seed}")
+    by_task: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_task.setdefault(s.task, []).append(i)
+    for rows in by_task.values():
+        order = rows[:]
+        rng.shuffle(order)
+        for k, i in enumerate(order):
+            out[i] = dataclasses.replace(samples[i], images=samples[order[(k + 1) % len(order)]].images)
+    return out
+
+
+def blind_baseline(paths: dict[str, dict[str, Path]], pixels: tuple[int, int], model_dir: Path) -> dict[str, dict]:
+    """Per family, the best constant answer on the test split and its accuracy: every distinct gold answer of the
+    split (for grounding, every gold box) is tried as the answer to every row, scored by the task's own reward."""
+    from vlm_sapo.models.loading import load_processor
+    from vlm_sapo.sft import prepare_examples
+    from vlm_sapo.synthetic import gold_completion
+    from vlm_sapo.tasks import get_task
+    from vlm_sapo.tasks.answers import answer_key
+
+    processor = load_processor(model_dir, min_pixels=pixels[0], max_pixels=pixels[1])
+    examples = prepare_examples(processor, load_split(paths, "test"), family=MODEL_FAMILY, min_pixels=pixels[0],
+                                max_pixels=pixels[1])  # for the samples' completed meta (coordinates, sizes)
+    out = {}
+    for family in FAMILIES:
+        rows = [e.sample for e in examples if e.sample.task == family]
+        task = get_task(family)
+        candidates = {answer_key(s.answer): s.answer for s in rows}
+        best = max(((sum(task.evaluate(gold_completion(family, c), s) for s in rows) / len(rows), key)
+                    for key, c in sorted(candidates.items())), key=lambda t: t[0])
+        out[family] = {"accuracy": best[0], "answer": best[1]}
+    return out
 
 
 def rl_overrides(out: Path, cold_dir: Path, data_dir: Path, cfg: DemoConfig) -> list[str]:
@@ -170,104 +220,20 @@ def run_rl(out: Path, cold_dir: Path, data_dir: Path, cfg: DemoConfig, extra: li
     return train(recipe)
 
 
-# ------------------------------------------------------------------------------------------------------- reporting
-def results_table(before: dict[str, float], after: dict[str, float]) -> str:
-    lines = ["| task | metric | cold start | after SAPO | change |", "| --- | --- | ---: | ---: | ---: |"]
-    for family in FAMILIES:
-        for metric in ("accuracy", "format", "iou"):
-            key = f"{family}/{metric}"
-            if key in before and key in after:
-                b, a = 100 * before[key], 100 * after[key]
-                lines.append(f"| {family} | {metric} | {b:.1f} | {a:.1f} | {a - b:+.1f} |")
-    return "\n".join(lines)
-
-
-def plot_curves(metrics_path: Path, before: dict[str, float], after: dict[str, float], report: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from vlm_sapo.metrics_log import read_metrics
-
-    rows = read_metrics(metrics_path.parent)
-    written = []
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for family in FAMILIES:
-        pts = [(r["step"], r[f"reward/{family}/overall"]) for r in rows if f"reward/{family}/overall" in r]
-        if pts:
-            steps, vals = zip(*pts)
-            ax.plot(steps, moving_mean(list(vals), 9), label=family)
-    ax.set(xlabel="RL step", ylabel="mean reward of the rollouts (smoothed)", title="Training reward")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(report / "reward.png", dpi=120)
-    plt.close(fig)
-    written.append(report / "reward.png")
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for family in FAMILIES:
-        key = f"val/{family}/accuracy"
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        if pts:
-            steps, vals = zip(*pts)
-            line, = ax.plot(steps, [100 * v for v in vals], marker="o", label=f"{family} (validation)")
-            last = rows[-1]["step"] if rows else 0
-            ax.scatter([0, last], [100 * before[f"{family}/accuracy"], 100 * after[f"{family}/accuracy"]],
-                       marker="s", color=line.get_color())
-    ax.set(xlabel="RL step", ylabel="greedy accuracy (%)",
-           title="Accuracy (lines: validation; squares: test, before and after)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(report / "accuracy.png", dpi=120)
-    plt.close(fig)
-    written.append(report / "accuracy.png")
-    return written
-
-
-def moving_mean(values: list[float], window: int) -> list[float]:
-    out = []
-    for i in range(len(values)):
-        part = values[max(0, i - window + 1) : i + 1]
-        out.append(sum(part) / len(part))
-    return out
-
-
-def write_summary(report: Path, cfg: DemoConfig, before: dict[str, float], after: dict[str, float],
-                  timings: dict[str, float], cold: dict[str, Any]) -> Path:
-    gained = [f for f in FAMILIES if after[f"{f}/accuracy"] - before[f"{f}/accuracy"] >= 0.10]
-    text = f"""# vlm_sapo CPU demo (seed {cfg.seed})
-
-Held-out test split ({cfg.n_test} rows per task), greedy decoding, scored by the tasks' own rewards.
-
-{results_table(before, after)}
-
-Families gaining at least 10 points of accuracy: {', '.join(gained) or 'none'}.
-
-- cold start: {cold['steps']} supervised steps (batch {cfg.sft_batch}, lr {cfg.sft_lr}), loss {cold['loss_first']:.2f} -> {cold['loss_last']:.2f}
-- RL: {cfg.rl_steps} SAPO steps (`recipes/demo_cpu.yaml`)
-- wall time: {', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}
-
-![reward](reward.png) ![accuracy](accuracy.png)
-
-Config: `{json.dumps(asdict(cfg))}`
-"""
-    path = report / "summary.md"
-    path.write_text(text)
-    return path
-
-
 # ------------------------------------------------------------------------------------------------------- main
 def run_demo(out: Path, cfg: DemoConfig, extra_overrides: list[str] | None = None) -> dict[str, Any]:
     import torch
+
+    from vlm_sapo import demo_report as rep
 
     torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
     pixels = image_pixels()
     timings: dict[str, float] = {}
-    t = time.perf_counter()
+    t_start = t = time.perf_counter()
     paths = make_data(out / "data", cfg)
     init_dir = build_model(out / "init", paths, cfg, pixels)
+    blind = blind_baseline(paths, pixels, init_dir)
     timings["data and model"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -276,6 +242,7 @@ def run_demo(out: Path, cfg: DemoConfig, extra_overrides: list[str] | None = Non
 
     t = time.perf_counter()
     before = evaluate(out / "cold_start", paths, pixels, out / "test_before.jsonl")
+    shuffled_before = evaluate(out / "cold_start", paths, pixels, shuffle_seed=cfg.seed)
     timings["eval before"] = time.perf_counter() - t
     print("cold start, held-out test:", format_accuracies(before), flush=True)
 
@@ -285,16 +252,37 @@ def run_demo(out: Path, cfg: DemoConfig, extra_overrides: list[str] | None = Non
 
     t = time.perf_counter()
     after = evaluate(run_dir / "hf", paths, pixels, out / "test_after.jsonl")
+    shuffled = evaluate(run_dir / "hf", paths, pixels, out / "test_after_shuffled.jsonl", shuffle_seed=cfg.seed)
     timings["eval after"] = time.perf_counter() - t
+
+    families = {}
+    for f in FAMILIES:
+        families[f] = {"cold_start": 100 * before[f"{f}/accuracy"], "after": 100 * after[f"{f}/accuracy"],
+                       "blind": 100 * blind[f]["accuracy"], "shuffled": 100 * shuffled[f"{f}/accuracy"],
+                       "top_answer_share_after": 100 * after[f"{f}/answers_top_share"],
+                       "top_answer_share_before": 100 * before[f"{f}/answers_top_share"],
+                       "distinct_answers_after": after[f"{f}/answers_distinct"],
+                       "shuffled_cold_start": 100 * shuffled_before[f"{f}/accuracy"],
+                       "blind_answer": blind[f]["answer"]}
+        if f"{f}/iou" in after:
+            families[f].update(iou_cold_start=100 * before[f"{f}/iou"], iou_after=100 * after[f"{f}/iou"])
+    result = {"seed": cfg.seed, "wall_s": time.perf_counter() - t_start, "families": families, "timings": timings,
+              "cold_start_training": cold, "config": asdict(cfg)}
 
     report = out / "report"
     report.mkdir(exist_ok=True)
-    plot_curves(run_dir / "metrics.jsonl", before, after, report)
-    summary = write_summary(report, cfg, before, after, timings, cold)
-    result = {"seed": cfg.seed, "before": before, "after": after, "timings": timings, "cold_start": cold}
+    rep.plot_curves(run_dir / "metrics.jsonl", result, report)
+    samples = load_split(paths, "test")
+    details = {name: {d["id"]: d for d in map(json.loads, (out / f"test_{name}.jsonl").read_text().splitlines())}
+               for name in ("before", "after")}
+    for f in FAMILIES:
+        rep.example_grid(f, [s for s in samples if s.task == f], details["before"], details["after"],
+                         report / f"{f}_examples.png")
+    rep.answer_histograms(samples, details["before"], details["after"], report / "answers.png")
+    summary = rep.write_summary(report, result, asdict(cfg))
     (report / "results.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
-    print("\n" + results_table(before, after))
-    print(f"\nwall time: {sum(timings.values()):.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})")
+    print("\n" + rep.results_table(result))
+    print(f"\nwall time: {result['wall_s']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})")
     print(f"report: {summary}")
     return result
 
@@ -304,10 +292,12 @@ def format_accuracies(scores: dict[str, float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vlm_sapo.demo_report import seeds_table
+
     parser = argparse.ArgumentParser(prog="python -m vlm_sapo.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo", help="output folder (data, models, RL run, report)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="several seeds run one after another, "
-                        "each in <out>/seed<k>, then a table of the mean change per task family")
+                        "each in <out>/seed<k>, then a table of mean [min, max] per task family (<out>/seeds.md)")
     parser.add_argument("--rl-steps", type=int, default=DemoConfig.rl_steps)
     parser.add_argument("--sft-steps", type=int, default=DemoConfig.sft_steps)
     parser.add_argument("--threads", type=int, default=DemoConfig.threads, help="torch threads (1 is fastest for "
@@ -324,22 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(results) > 1:
         text = seeds_table(results)
         (Path(args.out) / "seeds.md").write_text(text + "\n")
+        (Path(args.out) / "seeds.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
         print("\n" + text)
     return 0
-
-
-def seeds_table(results: list[dict[str, Any]]) -> str:
-    """Held-out accuracy before and after RL per task family, mean over seeds, with each seed's change."""
-    lines = ["| task | cold start (mean) | after SAPO (mean) | change (mean) | change per seed |",
-             "| --- | ---: | ---: | ---: | --- |"]
-    for family in FAMILIES:
-        key = f"{family}/accuracy"
-        deltas = [100 * (r["after"][key] - r["before"][key]) for r in results]
-        before = sum(100 * r["before"][key] for r in results) / len(results)
-        after = sum(100 * r["after"][key] for r in results) / len(results)
-        per_seed = ", ".join(f"{r['seed']}: {d:+.1f}" for r, d in zip(results, deltas))
-        lines.append(f"| {family} | {before:.1f} | {after:.1f} | {sum(deltas) / len(deltas):+.1f} | {per_seed} |")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from vlm_sapo.data import Sample, prompt_model_inputs
 from vlm_sapo.eval.prompting import render_task_prompt
 from vlm_sapo.models.logprobs import build_policy_inputs, token_logprobs
 from vlm_sapo.tasks import coord_system_for_family, get_task
+from vlm_sapo.tasks.answers import answer_spread, parse_answers, warn_if_collapsed
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +130,9 @@ def greedy_completions(model: Any, processor: Any, examples: Sequence[Example], 
 
 def greedy_accuracy(model: Any, processor: Any, examples: Sequence[Example], *, max_new_tokens: int = 24,
                     details: list[dict[str, Any]] | None = None) -> dict[str, float]:
-    """Greedy decoding, scored by each task's own reward: `<task>/accuracy`, `<task>/format` (and `/iou`) means.
-    Appends one record per example to `details` when given."""
+    """Greedy decoding, scored by each task's own reward: `<task>/accuracy`, `<task>/format` (and `/iou`) means, and
+    the spread of the parsed answers (`<task>/answers_distinct`, `<task>/answers_top_share`). Appends one record per
+    example to `details` when given."""
     texts = greedy_completions(model, processor, examples, max_new_tokens=max_new_tokens)
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
@@ -145,4 +147,9 @@ def greedy_accuracy(model: Any, processor: Any, examples: Sequence[Example], *, 
         if details is not None:
             details.append({"id": e.sample.id, "task": e.sample.task, "completion": text, "answer": e.sample.answer,
                             **scores})
-    return {k: v / counts[k.split("/")[0]] for k, v in sorted(sums.items())}
+    out = {k: v / counts[k.split("/")[0]] for k, v in sorted(sums.items())}
+    for name in counts:
+        spread = answer_spread(parse_answers(name, [t for e, t in zip(examples, texts) if e.sample.task == name]))
+        warn_if_collapsed(spread, name, "greedy evaluation")
+        out[f"{name}/answers_distinct"], out[f"{name}/answers_top_share"] = float(spread.distinct), spread.top_share
+    return out

@@ -67,6 +67,7 @@ from vlm_sapo.recipe import Recipe, dump_recipe
 from vlm_sapo.reward_pool import RewardPool, RewardSpec, ScoreResult
 from vlm_sapo.rollout import RolloutEngineError, Rollouts, SamplingConfig
 from vlm_sapo.tasks import coord_system_for_family, default_reward_specs, get_task
+from vlm_sapo.tasks.answers import AnswerSpread, answer_spread, parse_answers, warn_if_collapsed
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +215,7 @@ class Trainer:
                                        max_new_tokens=r.rollout.max_new_tokens, stop=tuple(r.rollout.stop))
 
         self.step = 0
+        self.collapsed_tasks: set[str] = set()  # tasks whose training answers were collapsed at the last step
         self.dropped_prompts = 0
         self.render_skipped = 0  # rows whose prompt could not be rendered (data.on_bad_row=skip)
         resume = resume if resume is not None else r.checkpoint.resume
@@ -384,6 +386,13 @@ class Trainer:
         scored, all_rounds = self._collect(timer)
         batch_ids = [s.id for part in all_rounds for s in part.samples]
         metrics = _reward_metrics(all_rounds[0], self.pool)
+        for task, spread in _answer_spreads(all_rounds[0]).items():
+            metrics.update(spread.metrics(f"answers/{task}"))
+            if not spread.collapsed:
+                self.collapsed_tasks.discard(task)
+            elif task not in self.collapsed_tasks:  # warn when it happens, not at every step
+                warn_if_collapsed(spread, task, f"step {self.step + 1} (training rollouts)")
+                self.collapsed_tasks.add(task)
         metrics["batch/resample_rounds"] = float(len(all_rounds) - 1)
         metrics["batch/groups_kept"] = float(len(scored.prompts))
         metrics["data/dropped_long_prompts"] = float(self.dropped_prompts)
@@ -455,6 +464,9 @@ class Trainer:
             scored = self._rollout_and_score(pairs, e.n, sampling)
             for key, value in _reward_metrics(scored, None).items():
                 out[f"val/{key.removeprefix('reward/')}"] = value
+            for task, spread in _answer_spreads(scored).items():
+                out.update(spread.metrics(f"val/answers/{task}"))
+                warn_if_collapsed(spread, task, f"step {self.step} validation")
             task = get_task(src.task)
             label = next((rw.label for spec, rw in zip(self.pool.specs, self.pool.rewards)
                           if spec.name == task.reward_name and spec.applies_to(task.name)), None)
@@ -629,6 +641,15 @@ def _reward_metrics(scored: _Scored, pool: RewardPool | None) -> dict[str, float
     if pool is not None:
         out.update({f"reward_pool/{k}": float(v) for k, v in pool.stats().items()})
     return out
+
+
+def _answer_spreads(scored: _Scored) -> dict[str, AnswerSpread]:
+    """Per task, how spread out the parsed answers of the completions are (collapse onto one answer shows here)."""
+    g = scored.rollouts.group_size
+    texts: dict[str, list[str]] = {}
+    for k, c in enumerate(scored.rollouts.completions):
+        texts.setdefault(scored.samples[k // g].task, []).append(c.text)
+    return {task: answer_spread(parse_answers(task, t)) for task, t in texts.items()}
 
 
 def _phase_times(timer: dict[str, float]) -> dict[str, float]:

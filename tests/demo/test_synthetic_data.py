@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -54,12 +55,12 @@ def test_same_seed_same_bytes_other_seed_other_data(data: Path, tmp_path: Path) 
 
 def test_math_answers_match_the_shapes_counted_in_the_pixels(data: Path) -> None:
     cfg = SyntheticConfig()
-    side, cell = cfg.image_size, cfg.image_size // cfg.grid
+    grid, cell = cfg.math_grid, 28
     for split in ("train", "val", "test"):
         for row in _rows(data / "math" / f"{split}.jsonl"):
             px = _pixels(data, "math", row)
-            assert px.shape[:2] == (side, side)
-            cells = [px[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] for r in range(cfg.grid) for c in range(cfg.grid)]
+            assert px.shape[:2] == (grid * cell, grid * cell)
+            cells = [px[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] for r in range(grid) for c in range(grid)]
             # a cell holds a shape of colour C when at least 40 of its pixels are exactly C
             count = {name: sum(int(_mask(cell_px, name).sum() >= 40) for cell_px in cells) for name in RGB}
             painted = sum(int((cell_px != 255).any(axis=-1).sum() > 0) for cell_px in cells)
@@ -129,6 +130,9 @@ def test_grounding_boxes_are_the_tight_box_of_the_described_shape(data: Path) ->
         for row in _rows(data / "grounding" / f"{split}.jsonl"):
             colour, kind = re.fullmatch(r"Find the (\w+) (\w+)\.", row["question"]).groups()
             px = _pixels(data, "grounding", row)
+            # each 28-pixel cell's background is its own grey: where an object is, not only what, is in its token
+            corners = {tuple(px[r * 28 + 1, c * 28 + 1]) for r in range(2) for c in range(2)}
+            assert len(corners) == 4 and all(len(set(g)) == 1 for g in corners), (row["id"], corners)
             ys, xs = np.nonzero(_mask(px, colour))  # the target's colour is not shared by a distractor
             box = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
             assert row["answer"] == box, row["id"]
@@ -136,6 +140,18 @@ def test_grounding_boxes_are_the_tight_box_of_the_described_shape(data: Path) ->
             lo, hi = fill[kind]
             assert lo <= ratio <= hi, (row["id"], kind, ratio)
             assert (row["image_width"], row["image_height"]) == (px.shape[1], px.shape[0])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_split_balances_its_answers(family: str, tmp_path: Path) -> None:
+    """The most common answer of a split is within 5 points of uniform, so no constant answer scores well."""
+    make_synthetic_data(tmp_path, seed=1, n_train=120, n_val=24, n_test=60, families=(family,))
+    for split in ("train", "val", "test"):
+        rows = _rows(tmp_path / family / f"{split}.jsonl")
+        counts = Counter(json.dumps(r["answer"]) for r in rows)
+        uniform = 1 / len(counts)
+        assert len(counts) == {"math": 5, "chart": 4, "grounding": 12}[family], counts
+        assert max(counts.values()) / len(rows) <= uniform + 0.05, (split, counts)
 
 
 def test_splits_are_disjoint_by_id_and_by_scene(data: Path) -> None:
@@ -172,8 +188,10 @@ def test_config_rejects_what_cannot_be_drawn() -> None:
     with pytest.raises(ValueError, match="do not fit"):
         SyntheticConfig(shape_side=60)
     with pytest.raises(ValueError, match="multiple of 28"):
-        SyntheticConfig(image_size=100)
+        SyntheticConfig(chart_side=100)
+    with pytest.raises(ValueError, match="one shade per cell"):
+        SyntheticConfig(grounding_shades=((255, 255, 255),))
     with pytest.raises(ValueError, match="unknown colours"):
         SyntheticConfig(colours=("red", "purple"))
     with pytest.raises(ValueError, match="distinct scenes"):
-        make_synthetic_data(Path("/nonexistent/never-written"), n_train=5000, n_val=0, n_test=0, families=("chart",))
+        make_synthetic_data(Path("/nonexistent/never-written"), n_train=5000, n_val=0, n_test=0, families=("grounding",))

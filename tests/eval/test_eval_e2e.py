@@ -86,6 +86,12 @@ def _check_run(out: Path, model: Path, data_root: Path, backend: str, capsys) ->
         assert overall["pass@1"]["ci_high"] > 0.4  # 5 questions: a wide interval even at 0%
         cats = results["benchmarks"][name]["categories"]
         assert sum(c["questions"] for c in cats.values()) >= LIMIT  # every sample is in at least one category
+        # the spread of the answers, recounted from the predictions' parsed answers
+        keys = [json.dumps(p["parsed_answer"]) if p["parsed_answer"] not in (None, "") else None for p in rows]
+        answers = results["benchmarks"][name]["answers"]
+        assert answers["count"] == len(rows) and answers["distinct"] == len(set(keys))
+        assert answers["top_share"] == pytest.approx(max(keys.count(k) for k in set(keys)) / len(rows))
+        assert f"answers: {answers['distinct']} distinct" in printed
 
 
 def test_eval_hf_then_score_and_compare(tiny_qwen25_dir, shared_data, tmp_path, capsys):

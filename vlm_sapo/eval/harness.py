@@ -25,6 +25,7 @@ from vlm_sapo.eval.stats import summarize
 from vlm_sapo.reward_pool import RewardPool, load_reward
 from vlm_sapo.rollout import SamplingConfig
 from vlm_sapo.tasks import coord_system_for_family, default_reward_specs, get_task
+from vlm_sapo.tasks.answers import answer_spread, warn_if_collapsed
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,9 @@ def _score(bench: LoadedBenchmark, groups: list[tuple[Sample, list[_Completion]]
                 scoring_meta={key: comp.meta[key] for key in SCORING_META_KEYS if comp.meta.get(key) is not None},
             ))
         per_question.append(values)
+    spread = answer_spread(None if str(p.parsed_answer).startswith("<parse error") else p.parsed_answer
+                           for p in predictions)
+    warn_if_collapsed(spread, task.name, f"benchmark {bench.name}")
     by_category: dict[str, list[list[float]]] = {}
     for (sample, _), values in zip(groups, per_question):
         for category in bench.categories.get(sample.id, []):
@@ -207,6 +211,7 @@ def _score(bench: LoadedBenchmark, groups: list[tuple[Sample, list[_Completion]]
         overall=summarize(per_question),
         categories={c: (len(v), summarize(v)) for c, v in sorted(by_category.items())},
         reward_errors=errors, skipped_rows=[str(b) for b in bench.skipped],
+        answers=spread.as_dict(),
     )
     if errors:
         log.warning("%s: %d completion(s) scored 0 because their reward failed or timed out", bench.name, errors)

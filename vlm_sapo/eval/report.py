@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from vlm_sapo.eval.results import SCHEMA, EvalResults
+from vlm_sapo.tasks.answers import AnswerSpread
 
 CONSOLE_MAX_CATEGORIES = 12
 
@@ -108,8 +109,15 @@ def _notes(data: dict[str, Any], *, max_categories: int | None = None) -> list[s
             parts.append(f"**{b['reward_errors']} reward failures scored 0**")
         if b.get("skipped_rows"):
             parts.append(f"**{len(b['skipped_rows'])} bad source rows skipped**")
+        if ans := b.get("answers"):
+            text = f"answers: {ans['distinct']} distinct, most common `{ans['top']}` ({100 * ans['top_share']:.0f}%)"
+            parts.append(f"**{text}: collapsed onto one answer**" if _collapsed(ans) else text)
         notes.append(f"- {name}: " + "; ".join(parts) + f". Metric: {b['reference']}.")
     return notes
+
+
+def _collapsed(answers: dict[str, Any]) -> bool:
+    return AnswerSpread(**answers).collapsed
 
 
 def markdown_report(data: dict[str, Any]) -> str:

@@ -58,6 +58,7 @@ class BenchmarkResult:
     missing_ids: list[str] = field(default_factory=list)  # benchmark samples without predictions (score)
     unknown_ids: list[str] = field(default_factory=list)  # prediction ids the benchmark does not have (score)
     skipped_rows: list[str] = field(default_factory=list)  # bad source rows skipped at load time
+    answers: dict[str, Any] = field(default_factory=dict)  # AnswerSpread.as_dict(): distinct answers, top share
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -68,7 +69,7 @@ class BenchmarkResult:
             "categories": {c: {"questions": n, **{k: e.as_dict() for k, e in stats.items()}}
                            for c, (n, stats) in self.categories.items()},
             "dropped": self.dropped, "reward_errors": self.reward_errors, "missing_ids": self.missing_ids,
-            "unknown_ids": self.unknown_ids, "skipped_rows": self.skipped_rows,
+            "unknown_ids": self.unknown_ids, "skipped_rows": self.skipped_rows, "answers": self.answers,
         }
 
 
@@ -83,8 +84,14 @@ class EvalResults:
                 "benchmarks": {name: b.as_dict() for name, b in self.benchmarks.items()}}
 
     def metrics(self, prefix: str = "eval/") -> dict[str, float]:
-        """Flat numbers for a metrics log: `eval/<benchmark>/<stat>` (e.g. `eval/geometry3k/pass@1`)."""
-        return {f"{prefix}{name}/{stat}": e.value for name, b in self.benchmarks.items() for stat, e in b.overall.items()}
+        """Flat numbers for a metrics log: `eval/<benchmark>/<stat>` (e.g. `eval/geometry3k/pass@1`), and the spread
+        of the answers (`eval/<benchmark>/answers/distinct|top_share`)."""
+        out = {f"{prefix}{name}/{stat}": e.value for name, b in self.benchmarks.items() for stat, e in b.overall.items()}
+        for name, b in self.benchmarks.items():
+            if b.answers:
+                out[f"{prefix}{name}/answers/distinct"] = float(b.answers["distinct"])
+                out[f"{prefix}{name}/answers/top_share"] = float(b.answers["top_share"])
+        return out
 
 
 def _plain(value: Any) -> Any:

@@ -1,8 +1,10 @@
 """Writing the synthetic splits as the project's rows: `<out>/<family>/<split>.jsonl` plus PNGs beside them.
 
 Each family draws from its own seeded stream, and a scene whose key (content up to pixel jitter, and question) was
-already drawn is drawn again, so the test, validation and train splits never share a scene. The same seed gives the
-same files, byte for byte.
+already drawn is drawn again, so the test, validation and train splits never share a scene. Answers are balanced: each
+split holds every answer of the family's answer set (`answer_classes`) equally often (within one row), in a shuffled
+order, so no constant answer scores more than one over the number of answers. The same seed gives the same files,
+byte for byte.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ import random
 from dataclasses import asdict
 from pathlib import Path
 
-from vlm_sapo.synthetic.tasks import FAMILIES, GENERATORS, SyntheticConfig, SyntheticItem
+from vlm_sapo.synthetic.tasks import FAMILIES, GENERATORS, SyntheticConfig, SyntheticItem, answer_classes
+from vlm_sapo.tasks.answers import answer_key
 
 SPLITS = ("train", "val", "test")
-MAX_DUPLICATES_IN_A_ROW = 2000  # this many repeats in a row: the scene space is (nearly) exhausted
+MAX_MISSES = 20_000  # this many draws without a new scene of the wanted answer: the space is (nearly) exhausted
 
 
 def generate_split_items(family: str, counts: dict[str, int], *, seed: int = 0,
@@ -28,18 +31,25 @@ def generate_split_items(family: str, counts: dict[str, int], *, seed: int = 0,
     rng = random.Random(f"vlm_sapo-synthetic-{family}-{seed}")
     seen: set[tuple] = set()
     out: dict[str, list[SyntheticItem]] = {}
+    classes = answer_classes(family, cfg)
     for split in ("test", "val", "train"):
+        n = counts.get(split, 0)
+        wanted: list[str | None] = [None] * n
+        if classes:
+            wanted = [classes[i % len(classes)] for i in range(n)]
+            rng.shuffle(wanted)
         items: list[SyntheticItem] = []
-        repeats = 0
-        while len(items) < counts.get(split, 0):
-            item = GENERATORS[family](rng, cfg)
-            if item.key in seen:
-                repeats += 1
-                if repeats >= MAX_DUPLICATES_IN_A_ROW:
-                    raise ValueError(f"{family}: only {len(seen)} distinct scenes found for {sum(counts.values())} "
-                                     f"rows; ask for fewer rows or a larger grid/more colours")
-                continue
-            repeats = 0
+        for want in wanted:
+            misses = 0
+            while True:
+                item = GENERATORS[family](rng, cfg)
+                if item.key not in seen and (want is None or answer_key(item.answer) == want):
+                    break
+                misses += 1
+                if misses >= MAX_MISSES:
+                    raise ValueError(f"{family}: no new scene with answer {want} in {MAX_MISSES} draws after "
+                                     f"{len(seen)} distinct scenes for {sum(counts.values())} rows; ask for fewer rows "
+                                     "or a larger grid/more colours")
             seen.add(item.key)
             items.append(item)
         out[split] = items

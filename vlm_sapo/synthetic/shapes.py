@@ -41,10 +41,16 @@ def shape_in_cell(col: int, row: int, cell: int, colour: str, kind: str, size: i
     return Shape(col, row, colour, kind, (x1, y1, x1 + size, y1 + size))
 
 
-def draw_shapes(width: int, height: int, shapes: list[Shape]) -> Image.Image:
+def draw_shapes(width: int, height: int, shapes: list[Shape], *, cell: int = 0,
+                cell_shades: tuple[tuple[int, int, int], ...] = ()) -> Image.Image:
+    """Shapes on white; with `cell_shades`, grid cell k (row-major, `cell` pixels) is first filled with shade k."""
     img = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(img)
     draw.fontmode = "1"
+    cols = width // cell if cell else 0
+    for k, shade in enumerate(cell_shades):
+        x, y = (k % cols) * cell, (k // cols) * cell
+        draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=shade)
     for s in shapes:
         x1, y1, x2, y2 = s.box
         fill = COLOURS[s.colour]

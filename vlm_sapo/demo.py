@@ -1,26 +1,27 @@
 """The CPU demo: a tiny VLM learns synthetic visual tasks with SAPO, in minutes, on two cores.
 
-    python -m vlm_sapo.demo            (what `make demo` runs; about 5 minutes on 2 CPU cores)
-    python -m vlm_sapo.demo --seeds 0 1 2 --out runs/demo3     (the 3-seed claim in README)
+    python -m vlm_sapo.demo            (what `make demo` runs; about 4 minutes on 2 CPU cores)
+    python -m vlm_sapo.demo --seeds 0 1 2 3 4 --out runs/demo5     (the five-seed table in README)
 
-1. data: synthetic math (how many shapes in a 2 x 2 grid), chart (the largest value of a bar chart) and grounding
-   (the box of a described shape beside a distractor), 56 x 56 images, train/val/test splits from a seed;
+1. data: synthetic math (how many shapes in a 3 x 3 grid), chart (the largest value of a bar chart) and grounding
+   (the box of a described shape beside a distractor, in a 2 x 2 grid of shaded cells), answers balanced in every
+   split, disjoint by scene;
 2. model: a tiny random Qwen2.5-VL (0.7 M parameters) with a byte-level BPE of a few hundred tokens trained on the
    task text, so one RL step takes a fraction of a second instead of seconds;
 3. cold start: a short supervised warm-up on gold answers, so the policy follows the answer format and is right
    sometimes, far from always (RL needs groups whose rewards differ);
 4. RL: `vlm-sapo train recipes/demo_cpu.yaml` with the transformers rollout backend, the SAPO loss, G = 8;
-5. evaluation: greedy accuracy on the held-out test split, before and after RL, per task family; a report folder
-   (`runs/demo/report/`) with reward and accuracy curves and a markdown summary.
+5. evaluation: greedy accuracy on the held-out test split, before and after RL, per task family, beside the blind
+   baseline (best constant answer) and the image-shuffled score; a report folder (`runs/demo/report/`, see
+   `vlm_sapo/demo_report.py`).
 
-Why it is shaped this way (measured on this CPU, see README "The demo"): with Qwen's long format instruction and
-112-pixel images the model stayed blind to the image for 800 supervised steps while its vision tower drifted to a large
-constant; a random, frozen vision tower's features already tell every cell's colour apart (a linear probe reads them
-at 96-100%), so the vision tower stays frozen, each 28-pixel grid cell is exactly one image token, and rows carry a
-short instruction, so that the prompt is mostly image. One question kind per family: mixing several slowed the onset
-of looking at the image more than the budget allows. RL at a learning rate of 1e-3 or above collapsed the policy's
-entropy within 100 steps; 5e-4 for 120 steps does not. It demonstrates the machinery learning from rewards, not a
-capable model.
+Why it is shaped this way (measured on this CPU, see README "The demo"): the earlier unbalanced tasks let a blind
+policy score 30-58% with one constant answer, and RL on a blind cold start collapsed onto it; a Qwen-VL vision token
+says what is in its 28 pixels but not where, so grounding cells are shaded; a random, frozen vision tower's features
+already tell every cell's colour apart, so it stays frozen and each 28-pixel cell is exactly one image token; rows
+carry a short instruction, so that the prompt is mostly image. RL at a learning rate of 1e-3 or above collapsed the
+policy's entropy within 100 steps; 5e-4 for 120 steps does not. It demonstrates the machinery learning from rewards,
+not a capable model.
 """
 
 from __future__ import annotations

@@ -119,6 +119,7 @@ class LossCfg(Strict):
     clip_high: NonNegativeFloat | None = None
     max_log_ratio: PositiveFloat | None = None
     max_length: PositiveInt | None = None
+    ratio_cap: PositiveFloat | None = None  # dppo_tv / dppo_kl: cap of the importance weight
 
     def hparams(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump(exclude={"name"}).items() if v is not None}

@@ -65,6 +65,7 @@ from vlm_sapo.models.loading import load_policy, load_processor, model_family
 from vlm_sapo.models.logprobs import build_policy_inputs
 from vlm_sapo.recipe import Recipe, dump_recipe
 from vlm_sapo.reward_pool import RewardPool, RewardSpec, ScoreResult
+from vlm_sapo.reward_signal import RewardSignal, reward_signal
 from vlm_sapo.rollout import RolloutEngineError, Rollouts, SamplingConfig
 from vlm_sapo.tasks import coord_system_for_family, default_reward_specs, get_task
 
@@ -347,7 +348,7 @@ class Trainer:
             if r.algorithm.zero_variance_groups == "keep":
                 keep = torch.ones(len(scored.prompts), dtype=torch.bool)
             else:
-                keep = ~zero_variance_groups(scored.rewards, g)
+                keep = ~self._signal(scored).flat_groups()
             kept.append(_subset(scored, keep, g))
             kept_prompts += int(keep.sum())
             rounds += 1
@@ -356,6 +357,16 @@ class Trainer:
                 break
         merged = _concat(kept, g)
         return merged, all_rounds
+
+    def _signal(self, scored: _Scored) -> RewardSignal:
+        """The advantage estimator's input for `scored`: rewards + overlong penalty, or the named components."""
+        a = self.recipe.algorithm
+        try:
+            return reward_signal(scored.scores, scored.rollouts.completions, scored.rollouts.group_size,
+                                 components=a.advantage.components, overlong=a.overlong,
+                                 max_new_tokens=self.sampling.max_new_tokens)
+        except ValueError as e:
+            raise TrainingError(f"step {self.step + 1}: {e}") from e
 
     def _policy_batch(self, scored: _Scored, rows: list[int]) -> tuple[dict, torch.Tensor]:
         """Model inputs for the completions `rows` (flat indices), and the rollout engine's logprobs aligned to them."""
@@ -384,6 +395,8 @@ class Trainer:
         scored, all_rounds = self._collect(timer)
         batch_ids = [s.id for part in all_rounds for s in part.samples]
         metrics = _reward_metrics(all_rounds[0], self.pool)
+        if all_rounds[0].prompts:  # groups whose advantages are 0: equal rewards, or equal in every component
+            metrics["batch/zero_variance_frac"] = float(self._signal(all_rounds[0]).flat_groups().float().mean())
         metrics["batch/resample_rounds"] = float(len(all_rounds) - 1)
         metrics["batch/groups_kept"] = float(len(scored.prompts))
         metrics["data/dropped_long_prompts"] = float(self.dropped_prompts)
@@ -395,10 +408,21 @@ class Trainer:
             return metrics | _phase_times(timer), batch_ids
 
         g = r.rollout.n
-        adv = self.advantage(scored.rewards, g, **r.algorithm.advantage.hparams()).reshape(-1)
+        rsig = self._signal(scored)
+        adv = self.advantage(rsig.values, g, **r.algorithm.advantage.hparams()).reshape(-1)
         if _fault_due("nan_loss", self.step + 1):
             adv = adv * float("nan")
-        order = torch.randperm(len(adv), generator=torch.Generator().manual_seed(r.seed * 100003 + self.step)).tolist()
+        metrics.update(_overlong_metrics(rsig, r.algorithm.overlong))
+        # overlong filtering: truncated completions count in their group's statistics but not in the loss
+        rows = [i for i in range(len(adv)) if not (r.algorithm.overlong and r.algorithm.overlong.filter
+                                                    and rsig.truncated[i])]
+        if not rows:
+            log.warning("step %d: every completion was truncated (algorithm.overlong.filter); no update", self.step + 1)
+            metrics["batch/skipped_no_signal"] = 1.0
+            metrics["time/step"] = time.perf_counter() - t_step
+            return metrics | _phase_times(timer), batch_ids
+        perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(r.seed * 100003 + self.step))
+        order = [rows[j] for j in perm.tolist()]
         k = min(r.algorithm.mini_batches, len(order))
         minis = [order[i::k] for i in range(k)]
 
@@ -628,6 +652,19 @@ def _reward_metrics(scored: _Scored, pool: RewardPool | None) -> dict[str, float
     out["batch/zero_variance_frac"] = float(zero_variance_groups(scored.rewards, g).float().mean()) if comps else 0.0
     if pool is not None:
         out.update({f"reward_pool/{k}": float(v) for k, v in pool.stats().items()})
+    return out
+
+
+def _overlong_metrics(rsig: RewardSignal, cfg: Any) -> dict[str, float]:
+    """DAPO overlong shaping and filtering, over the completions that got advantages this step."""
+    if cfg is None:
+        return {}
+    out = {"overlong/truncated_frac": float(rsig.truncated.float().mean())}
+    if rsig.penalty is not None:
+        out["overlong/penalty_mean"] = float(rsig.penalty.mean())
+        out["overlong/penalized_frac"] = float((rsig.penalty < 0).float().mean())
+    if cfg.filter:
+        out["overlong/masked"] = float(rsig.truncated.sum())
     return out
 
 

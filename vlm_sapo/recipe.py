@@ -62,11 +62,16 @@ class ModelCfg(Strict):
     lora: LoraCfg | None = None
     min_pixels: PositiveInt = 3136  # 4 * 28 * 28
     max_pixels: PositiveInt = 1_003_520  # 1280 * 28 * 28
+    video_min_pixels: PositiveInt = 3136  # per video frame
+    video_max_pixels: PositiveInt = 100_352  # per video frame: 128 * 28 * 28, qwen-vl-utils' smallest video default
 
     @model_validator(mode="after")
     def _pixels(self) -> ModelCfg:
         if self.min_pixels > self.max_pixels:
             raise ValueError(f"min_pixels ({self.min_pixels}) must not exceed max_pixels ({self.max_pixels})")
+        if self.video_min_pixels > self.video_max_pixels:
+            raise ValueError(f"video_min_pixels ({self.video_min_pixels}) must not exceed video_max_pixels "
+                             f"({self.video_max_pixels})")
         return self
 
 
@@ -89,6 +94,8 @@ class DataCfg(Strict):
     on_long_prompt: Literal["drop", "fail"] = "drop"
     max_image_pixels: PositiveInt = 64_000_000  # decompression-bomb guard, checked on the header before decoding
     max_aspect_ratio: PositiveFloat = 200.0
+    video_max_frames: int = Field(16, ge=2)  # frames kept per video (a longer frame list is thinned evenly)
+    video_fps: PositiveFloat = 2.0  # a video file is sampled at this rate; a frame list is taken as sampled at it
     shuffle: bool = True
     system_prompt: str | None = None
     coord_system: Literal["auto", "abs_resized", "rel1000", "abs_original"] = "auto"  # auto: from the model family

@@ -174,7 +174,10 @@ class Trainer:
 
         self.model_path = resolve_model_path(r.model.path)
         self.processor = load_processor(self.model_path, min_pixels=r.model.min_pixels, max_pixels=r.model.max_pixels,
-                                        trust_remote_code=r.model.trust_remote_code)
+                                        trust_remote_code=r.model.trust_remote_code,
+                                        video_min_pixels=r.model.video_min_pixels,
+                                        video_max_pixels=r.model.video_max_pixels,
+                                        video_max_frames=r.data.video_max_frames, video_fps=r.data.video_fps)
         model = load_policy(self.model_path, dtype=r.model.dtype, attn_implementation=r.model.attn_implementation,
                             trust_remote_code=r.model.trust_remote_code)
         self.family = model_family(model.config)

@@ -12,7 +12,7 @@ import random
 from dataclasses import asdict
 from pathlib import Path
 
-from vlm_sapo.synthetic.tasks import FAMILIES, GENERATORS, SyntheticConfig, SyntheticItem
+from vlm_sapo.synthetic.tasks import FAMILIES, GENERATORS, VIDEO_GENERATORS, SyntheticConfig, SyntheticItem
 
 SPLITS = ("train", "val", "test")
 MAX_DUPLICATES_IN_A_ROW = 2000  # this many repeats in a row: the scene space is (nearly) exhausted
@@ -22,8 +22,9 @@ def generate_split_items(family: str, counts: dict[str, int], *, seed: int = 0,
                          config: SyntheticConfig | None = None) -> dict[str, list[SyntheticItem]]:
     """`counts[split]` distinct scenes per split, test first, then val, then train (so growing the train split never
     changes the test split)."""
-    if family not in GENERATORS:
-        raise ValueError(f"unknown synthetic family {family!r} (known: {', '.join(FAMILIES)})")
+    if family not in GENERATORS and family not in VIDEO_GENERATORS:
+        known = ", ".join([*FAMILIES, *VIDEO_GENERATORS])
+        raise ValueError(f"unknown synthetic family {family!r} (known: {known})")
     cfg = config or SyntheticConfig()
     rng = random.Random(f"vlm_sapo-synthetic-{family}-{seed}")
     seen: set[tuple] = set()
@@ -32,7 +33,10 @@ def generate_split_items(family: str, counts: dict[str, int], *, seed: int = 0,
         items: list[SyntheticItem] = []
         repeats = 0
         while len(items) < counts.get(split, 0):
-            item = GENERATORS[family](rng, cfg)
+            if family in VIDEO_GENERATORS:
+                item = VIDEO_GENERATORS[family](rng, cfg, len(items))
+            else:
+                item = GENERATORS[family](rng, cfg)
             if item.key in seen:
                 repeats += 1
                 if repeats >= MAX_DUPLICATES_IN_A_ROW:
@@ -49,8 +53,9 @@ def generate_split_items(family: str, counts: dict[str, int], *, seed: int = 0,
 def make_synthetic_data(out_dir: str | Path, *, seed: int = 0, n_train: int = 1000, n_val: int = 64,
                         n_test: int = 200, families: tuple[str, ...] = FAMILIES,
                         config: SyntheticConfig | None = None) -> dict[str, dict[str, Path]]:
-    """Write every family's splits; returns {family: {split: jsonl path}}. Rows: id, image (relative path),
-    question, answer, and meta columns (question_kind, ...; grounding adds phrase, image_width, image_height)."""
+    """Write every family's splits; returns {family: {split: jsonl path}}. Rows: id, image (relative path; a video
+    family: video, the list of its frames' paths), question, answer, and meta columns (question_kind, ...; grounding
+    adds phrase, image_width, image_height; motion start, step, frames)."""
     cfg = config or SyntheticConfig()
     out = Path(out_dir)
     counts = {"train": n_train, "val": n_val, "test": n_test}
@@ -65,9 +70,14 @@ def make_synthetic_data(out_dir: str | Path, *, seed: int = 0, n_train: int = 10
             lines = []
             for i, item in enumerate(split_items[split]):
                 row_id = f"{family}-{split}-{i:05d}"
-                rel = f"images/{split}/{row_id}.png"
-                item.image.save(fam_dir / rel, format="PNG", optimize=False)
-                row = {"id": row_id, "image": rel, "question": item.question, "answer": item.answer, **item.meta}
+                row = {"id": row_id, "question": item.question, "answer": item.answer, **item.meta}
+                if item.frames:  # a video: its frames as PNGs, listed in order
+                    row["video"] = [f"images/{split}/{row_id}-{k}.png" for k in range(len(item.frames))]
+                    for rel, frame in zip(row["video"], item.frames):
+                        frame.save(fam_dir / rel, format="PNG", optimize=False)
+                else:
+                    row["image"] = f"images/{split}/{row_id}.png"
+                    item.image.save(fam_dir / row["image"], format="PNG", optimize=False)
                 if cfg.instruction:
                     row["instruction"] = cfg.instruction
                 lines.append(json.dumps(row, sort_keys=True))

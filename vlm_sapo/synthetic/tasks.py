@@ -1,5 +1,5 @@
-"""Three synthetic task families with exact answers, one generator each: counting arithmetic (math), bar charts (chart)
-and finding a described shape (grounding).
+"""Synthetic task families with exact answers, one generator each: counting arithmetic (math), bar charts (chart),
+finding a described shape (grounding), and one video family: which way a shape moves (motion, `synthetic.motion`).
 
 Each generator draws one scene from a `random.Random` and returns a `SyntheticItem`; its `key` names the scene up to
 pixel jitter, so that train, validation and test splits can be kept disjoint by content, not just by row. Difficulty is
@@ -15,6 +15,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from vlm_sapo.synthetic.motion import make_motion
 from vlm_sapo.synthetic.shapes import BACKGROUND, COLOURS, SHAPES, Shape, draw_shapes, shape_in_cell
 
 FAMILIES = ("math", "chart", "grounding")
@@ -34,6 +35,8 @@ class SyntheticConfig:
     chart_questions: tuple[str, ...] = ("max",)
     grounding_objects: tuple[int, int] = (2, 2)  # objects per grounding scene, the target included
     grounding_same_colour: bool = False  # distractors may share the target's colour (then its shape tells it apart)
+    motion_frames: int = 4  # frames per motion video
+    motion_step: tuple[int, int] = (4, 8)  # pixels the shape moves from one frame to the next (drawn per video)
     # Written as each row's `instruction` column (see `Task.instruction`): a short format instruction keeps the prompt
     # mostly image, which is what lets a tiny model learn to look (measured: steps twice as fast, see demo.py).
     instruction: str | None = "Think in <think> </think>, answer in <answer> </answer>."
@@ -52,6 +55,11 @@ class SyntheticConfig:
         lo_n, hi_n = self.grounding_objects
         if not 1 <= lo_n <= hi_n <= self.grid * self.grid:
             raise ValueError(f"grounding_objects {self.grounding_objects} must lie in 1..{self.grid * self.grid}")
+        lo_s, hi_s = self.motion_step
+        travel = hi_s * (self.motion_frames - 1)
+        if self.motion_frames < 2 or not 1 <= lo_s <= hi_s or max(self.shape_sizes.values()) + travel > self.image_size:
+            raise ValueError(f"motion: {self.motion_frames} frames at up to {hi_s} pixels a frame do not fit a "
+                             f"{self.image_size}-pixel frame (need >= 2 frames, 1 <= step low <= step high)")
 
     @property
     def cell(self) -> int:
@@ -69,9 +77,10 @@ class SyntheticConfig:
 class SyntheticItem:
     image: Image.Image
     question: str
-    answer: Any  # str for math and chart; [x1, y1, x2, y2] pixels (x2, y2 exclusive) for grounding
+    answer: Any  # str for math, chart and motion; [x1, y1, x2, y2] pixels (x2, y2 exclusive) for grounding
     meta: dict[str, Any] = field(default_factory=dict)
     key: tuple = ()
+    frames: list[Image.Image] = field(default_factory=list)  # a video family's frames (then `image` is frame 0)
 
 
 # ------------------------------------------------------------------------------------------------------------- math
@@ -195,6 +204,10 @@ def make_grounding(rng: random.Random, cfg: SyntheticConfig) -> SyntheticItem:
 
 
 GENERATORS = {"math": make_math, "chart": make_chart, "grounding": make_grounding}
+# Video families: `generator(rng, cfg, slot)`, where `slot` is the index of the scene in its split (for balance).
+VIDEO_GENERATORS = {"motion": make_motion}
+VIDEO_FAMILIES = tuple(VIDEO_GENERATORS)
+ALL_FAMILIES = FAMILIES + VIDEO_FAMILIES
 
 
 def gold_completion(family: str, answer: Any) -> str:

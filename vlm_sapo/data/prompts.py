@@ -213,6 +213,8 @@ def _render_video(processor: Any, sample: Sample, factor: int, image_patch_size:
         frames.append(frames[-1])
         indices.append(indices[-1])
     w, h = frames[0].size
+    if any(f.size != (w, h) for f in frames):
+        raise DataError(f"sample {sample.id!r} video: its frames differ in size ({sorted({f.size for f in frames})})")
     try:
         new_h, new_w = smart_resize(h, w, factor=factor, min_pixels=budget.min_pixels, max_pixels=budget.max_pixels)
     except ValueError as err:

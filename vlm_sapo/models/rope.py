@@ -5,7 +5,8 @@ Qwen2-VL and Qwen2.5-VL (as released, and as vLLM computes them) continue the te
 Qwen2.5-VL it is stretched by `tokens_per_second * second_per_grid_t` (4 per temporal patch on the tiny model,
 (T - 1) * 2 on the released ones at 2 fps). transformers 5.3+ continues after `max(h, w) / merge` instead, ignoring
 the temporal axis (huggingface/transformers#45381), so with transformers 5.19 every token after a video sits at a
-different position than in vLLM: logprobs of a video prompt differed by 1.9e-3 on the tiny Qwen2.5-VL (measured).
+different position than in vLLM: video prompts' logprobs differed by 1.9e-3 to 5.0e-3 on the tiny Qwen2.5-VL
+(measured; `tests/rollout/test_vllm_engine.py`), 1.9e-6 with this rule.
 Images (T = 1) and Qwen3-VL (one temporal patch per timestamped frame group) are unaffected.
 
 `continue_after_video` shifts the positions after each video block to the released rule; `use_released_video_rope`

@@ -273,7 +273,11 @@ class Trainer:
         from vlm_sapo.rollout.vllm_engine import VLLMRolloutEngine
 
         max_len = r.rollout.max_model_len or r.data.max_prompt_tokens + r.rollout.max_new_tokens
+        samples = [s for src in self.sources + self.val_sources for s in src.samples]
+        samples += [s for b in self.eval_benchmarks for s in b.samples]
+        videos = int(any(s.video is not None for s in samples))  # else vLLM need not reserve room for a video
         return VLLMRolloutEngine(self.model_path, self.processor, dtype=r.model.dtype, max_model_len=max_len,
+                                 max_videos_per_prompt=videos,
                                  gpu_memory_utilization=r.rollout.gpu_memory_utilization,
                                  kv_cache_gib=r.rollout.cpu_kvcache_gib, enforce_eager=r.rollout.enforce_eager or None,
                                  seed=r.seed + self.rank), False

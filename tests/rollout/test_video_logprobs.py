@@ -62,7 +62,7 @@ def test_vllm_qwen3_video_logprobs_equal_the_learner_and_survive_a_weight_update
     processor = video_processor_for(tiny_qwen3_dir, QWEN3_PIXELS)
     model = load_policy(tiny_qwen3_dir, dtype="float32", device="cpu")
     prompts = render_video_prompts(processor, QWEN3_PIXELS)
-    engine = VLLMRolloutEngine(tiny_qwen3_dir, processor, max_model_len=512, kv_cache_gib=1)
+    engine = VLLMRolloutEngine(tiny_qwen3_dir, processor, max_model_len=512, kv_cache_gib=1, max_videos_per_prompt=1)
     try:
         ro = engine.generate(prompts, 2, SAMPLING)
         check_video_prompt_tokens(processor, prompts, ro)

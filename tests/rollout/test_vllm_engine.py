@@ -53,7 +53,7 @@ def engine(model_dir, tiny25_processor):
     from vlm_sapo.rollout.vllm_engine import VLLMRolloutEngine
 
     threads = torch.get_num_threads()
-    eng = VLLMRolloutEngine(model_dir, tiny25_processor, max_model_len=512, kv_cache_gib=1)
+    eng = VLLMRolloutEngine(model_dir, tiny25_processor, max_model_len=512, kv_cache_gib=1, max_videos_per_prompt=1)
     yield eng
     eng.close()
     assert torch.get_num_threads() == threads  # later tests in this process keep their threads

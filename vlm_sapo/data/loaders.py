@@ -1,9 +1,10 @@
 """Reading samples from JSON lines, Parquet and `datasets` folders, with every row validated before training starts.
 
-A bad row (missing field, empty question, missing/truncated/oversized image, a path escaping the data folder, ...)
-is found here, up front, and reported with its file, row and column (a video's frame as `video[k]`): `on_bad_row="fail"` raises one `DataError`
-listing the first few (all counted); `"skip"` returns them in `LoadResult.skipped`. Each image is fully decoded once
-during validation and then closed; samples keep lazy `ImageRef`s.
+A bad row (missing field, empty question, missing/truncated/oversized image or video, a path escaping the data folder,
+...) is found here, up front, and reported with its file, row and column (a video's frame as `video[k]`):
+`on_bad_row="fail"` raises one `DataError` listing the first few (all counted); `"skip"` returns them in
+`LoadResult.skipped`. Each image (and video) is fully decoded once during validation and then closed; samples keep
+lazy `ImageRef`s (`VideoRef`s).
 
 Image paths: relative paths resolve against `image_root` or else the data file's folder (for a dataset folder,
 that folder) and must stay inside it after normalising `..` (checked on the path text, so a symlinked cache layout

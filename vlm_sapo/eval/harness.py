@@ -410,7 +410,9 @@ def run_eval(
     else:
         from vlm_sapo.rollout.vllm_engine import VLLMRolloutEngine
 
+        videos = int(any(s.video is not None for b in loaded for s in b.samples))
         engine = VLLMRolloutEngine(model, processor, dtype=dtype, max_model_len=max_prompt_tokens + max_new_tokens,
+                                   max_videos_per_prompt=videos,
                                    kv_cache_gib=kv_cache_gib, gpu_memory_utilization=gpu_memory_utilization, seed=seed)
     try:
         return evaluate(engine, processor, loaded, family=family, n=n, sampling=sampling, limit=limit,

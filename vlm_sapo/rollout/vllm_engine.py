@@ -77,6 +77,7 @@ class VLLMRolloutEngine:
     """`RolloutEngine` on a real vLLM `LLM` built from a checkpoint folder.
 
     `processor` must be the one the trainer renders prompts with (its pixel budget is passed to vLLM).
+    `max_videos_per_prompt` 0 keeps vLLM from reserving memory for videos (it profiles the largest one at start-up).
     `dtype` "auto" means bf16 on CUDA and fp32 on CPU, like `load_policy`: vLLM's own "auto" downcasts an fp32
     checkpoint to bf16, which moved logprobs ~3e-3 away from the fp32 learner's (measured).
     CPU: the KV cache gets `kv_cache_gib`, eager mode. CUDA: `gpu_memory_utilization`, CUDA graphs unless
@@ -96,7 +97,7 @@ class VLLMRolloutEngine:
         dtype: str = "auto",
         max_model_len: int = 4096,
         max_images_per_prompt: int = 1,
-        max_videos_per_prompt: int = 1,
+        max_videos_per_prompt: int = 0,
         gpu_memory_utilization: float = 0.5,
         kv_cache_gib: float = 1.0,
         enforce_eager: bool | None = None,

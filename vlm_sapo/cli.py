@@ -72,6 +72,7 @@ def _eval(args: argparse.Namespace) -> int:
             model, [b for b in args.benchmarks.split(",") if b.strip()], backend=args.backend, n=args.n,
             temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
             max_prompt_tokens=args.max_prompt_tokens, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+            video_max_pixels=args.video_max_pixels, video_max_frames=args.video_max_frames, video_fps=args.video_fps,
             limit=args.limit, data_root=args.data_root, out_dir=out, seed=args.seed, dtype=args.dtype,
             coord_system=args.coord_system, system=args.system, batch_prompts=args.batch_prompts,
             reward_workers=args.reward_workers, reward_timeout_s=args.reward_timeout, kv_cache_gib=args.kv_cache_gib,
@@ -138,9 +139,11 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _make_data(args: argparse.Namespace) -> int:
-    from vlm_sapo.synthetic import make_synthetic_data
+    from vlm_sapo.synthetic import ALL_FAMILIES, make_synthetic_data
 
-    paths = make_synthetic_data(args.out, seed=args.seed, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
+    families = tuple(args.families.split(",")) if args.families else ALL_FAMILIES
+    paths = make_synthetic_data(args.out, seed=args.seed, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
+                                families=families)
     for family, splits in paths.items():
         print(f"{family}: " + ", ".join(f"{split} {path}" for split, path in splits.items()))
     return 0
@@ -172,13 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     p.set_defaults(fn=_init_tiny)
 
-    p = sub.add_parser("make-data", help="write a synthetic data set (math, chart, grounding; JSONL + PNG splits)")
+    p = sub.add_parser("make-data", help="write a synthetic data set (math, chart, grounding, motion (video); JSONL + "
+                                         "PNG splits)")
     p.add_argument("kind", choices=["synthetic"])
     p.add_argument("--out", required=True, help="folder to write <family>/{train,val,test}.jsonl and images to")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-train", type=int, default=1000, help="rows per family")
     p.add_argument("--n-val", type=int, default=64, help="rows per family")
     p.add_argument("--n-test", type=int, default=200, help="rows per family")
+    p.add_argument("--families", help="comma-separated subset (default: math,chart,grounding,motion)")
     p.set_defaults(fn=_make_data)
 
     p = sub.add_parser("eval", help="evaluate a model on benchmarks with the training prompts and rewards")
@@ -197,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-tokens", type=int, default=2048, help="longer prompts are counted, not evaluated")
     p.add_argument("--min-pixels", type=int, help="image pixel budget (default: the processor's)")
     p.add_argument("--max-pixels", type=int, help="image pixel budget (default: the processor's)")
+    p.add_argument("--video-max-pixels", type=int, help="pixels per video frame (as model.video_max_pixels)")
+    p.add_argument("--video-max-frames", type=int, help="frames per video (as data.video_max_frames)")
+    p.add_argument("--video-fps", type=float, help="video sampling rate (as data.video_fps)")
     p.add_argument("--coord-system", choices=["rel1000", "abs_resized", "abs_original"],
                    help="grounding box units asked for (default: the model family's)")
     p.add_argument("--system", help="system prompt (as data.system_prompt in training)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -61,11 +62,16 @@ class ModelCfg(Strict):
     lora: LoraCfg | None = None
     min_pixels: PositiveInt = 3136  # 4 * 28 * 28
     max_pixels: PositiveInt = 1_003_520  # 1280 * 28 * 28
+    video_min_pixels: PositiveInt = 3136  # per video frame
+    video_max_pixels: PositiveInt = 100_352  # per video frame: 128 * 28 * 28, qwen-vl-utils' smallest video default
 
     @model_validator(mode="after")
     def _pixels(self) -> ModelCfg:
         if self.min_pixels > self.max_pixels:
             raise ValueError(f"min_pixels ({self.min_pixels}) must not exceed max_pixels ({self.max_pixels})")
+        if self.video_min_pixels > self.video_max_pixels:
+            raise ValueError(f"video_min_pixels ({self.video_min_pixels}) must not exceed video_max_pixels "
+                             f"({self.video_max_pixels})")
         return self
 
 
@@ -88,6 +94,8 @@ class DataCfg(Strict):
     on_long_prompt: Literal["drop", "fail"] = "drop"
     max_image_pixels: PositiveInt = 64_000_000  # decompression-bomb guard, checked on the header before decoding
     max_aspect_ratio: PositiveFloat = 200.0
+    video_max_frames: int = Field(16, ge=2)  # frames kept per video (a longer frame list is thinned evenly)
+    video_fps: PositiveFloat = 2.0  # a video file is sampled at this rate; a frame list is taken as sampled at it
     shuffle: bool = True
     system_prompt: str | None = None
     coord_system: Literal["auto", "abs_resized", "rel1000", "abs_original"] = "auto"  # auto: from the model family
@@ -119,6 +127,7 @@ class LossCfg(Strict):
     clip_high: NonNegativeFloat | None = None
     max_log_ratio: PositiveFloat | None = None
     max_length: PositiveInt | None = None
+    ratio_cap: PositiveFloat | None = None  # dppo_tv / dppo_kl: cap of the importance weight
 
     def hparams(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump(exclude={"name"}).items() if v is not None}
@@ -136,17 +145,41 @@ class AdvantageCfg(Strict):
     name: str = "grpo"
     epsilon: PositiveFloat | None = None
     scale_std: bool | None = None
+    # gdpo: reward score name -> weight. `accuracy` matches every reward's `<label>/accuracy`, `math/format` one
+    # reward's; a score a sample lacks counts 0. `overlong` is the overlong penalty (added with weight 1 if absent).
+    components: dict[str, float] | None = None
 
     def hparams(self) -> dict[str, Any]:
-        return {k: v for k, v in self.model_dump(exclude={"name"}).items() if v is not None}
+        out = {k: v for k, v in self.model_dump(exclude={"name", "components"}).items() if v is not None}
+        if self.components:
+            out["weights"] = tuple(self.components.values())
+        return out
 
     @model_validator(mode="after")
     def _known(self) -> AdvantageCfg:
-        from vlm_sapo.algos import get_advantage_estimator, list_advantage_estimators
+        from vlm_sapo.algos import get_advantage_estimator, list_advantage_estimators, takes_components
 
         _check_registered(self.name, list_advantage_estimators(), "advantage estimator")
+        if takes_components(self.name) and not self.components:
+            raise ValueError(f"advantage estimator `{self.name}` needs `components` (reward score name -> weight, "
+                             "e.g. {accuracy: 1.0, format: 1.0})")
+        if self.components is not None and not takes_components(self.name):
+            raise ValueError(f"`components` applies to estimators over reward components (gdpo), not `{self.name}`")
+        bad = {k: v for k, v in (self.components or {}).items() if not k.strip() or not math.isfinite(v)}
+        if bad:
+            raise ValueError(f"`components` needs non-empty names and finite weights, got {bad}")
         _check_hparams(get_advantage_estimator(self.name), self.hparams(), f"advantage estimator `{self.name}`")
         return self
+
+
+class OverlongCfg(Strict):
+    """DAPO's overlong reward shaping and filtering (arXiv:2503.14476); see `vlm_sapo.algos.overlong`."""
+
+    # L_cache: the last `buffer` tokens before rollout.max_new_tokens are penalised; 0: no penalty; None: a fifth of
+    # rollout.max_new_tokens (DAPO's 4,096 of 20,480)
+    buffer: NonNegativeInt | None = None
+    penalty_factor: PositiveFloat = 1.0  # the penalty at max_new_tokens is -penalty_factor
+    filter: bool = False  # mask truncated completions (finish reason "length") out of the loss
 
 
 class AlgorithmCfg(Strict):
@@ -158,6 +191,19 @@ class AlgorithmCfg(Strict):
     kl_coef: NonNegativeFloat = 0.0  # off by default, as in the SAPO paper
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     tis_cap: PositiveFloat | None = None  # truncated importance sampling for train/rollout mismatch; None: off
+    overlong: OverlongCfg | None = None  # None: off
+
+    @model_validator(mode="after")
+    def _overlong(self) -> AlgorithmCfg:
+        o, comps = self.overlong, self.advantage.components
+        if o is not None and o.buffer == 0 and not o.filter:
+            raise ValueError("`overlong` does nothing with `buffer: 0` and `filter: false`")
+        shaping = o is not None and o.buffer != 0
+        if comps is not None and "overlong" in comps and not shaping:
+            raise ValueError("`advantage.components` has `overlong` but `overlong.buffer` is not > 0 (no penalty)")
+        if comps is not None and shaping and "overlong" not in comps:
+            self.advantage.components = {**comps, "overlong": 1.0}  # the penalty is a reward component of its own
+        return self
 
 
 class LearnerCfg(Strict):
@@ -233,6 +279,16 @@ class Recipe(Strict):
         if not v or "/" in v or v.startswith("."):
             raise ValueError("name must be a non-empty plain word (it names the run folder)")
         return v
+
+    @model_validator(mode="after")
+    def _overlong_buffer(self) -> Recipe:
+        o = self.algorithm.overlong
+        if o is not None and o.buffer is None:
+            o.buffer = max(1, self.rollout.max_new_tokens // 5)
+        if o is not None and o.buffer > self.rollout.max_new_tokens:
+            raise ValueError(f"`algorithm.overlong.buffer` ({o.buffer}) exceeds `rollout.max_new_tokens` "
+                             f"({self.rollout.max_new_tokens}): the penalty starts at max_new_tokens - buffer")
+        return self
 
 
 # ------------------------------------------------------------------------------------------------- name validation

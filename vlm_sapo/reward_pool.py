@@ -1,6 +1,6 @@
 """Rewards named by a recipe, scored in worker processes under a hard time limit per call.
 
-A reward is named by a built-in name (``math``, ``grounding``, ``chart``, ``format``), by ``path/to/file.py:function``
+A reward is named by a built-in name (``math``, ``grounding``, ``chart``, ``motion``, ``format``), by ``path/to/file.py:function``
 (``path/to/file.py`` alone means its ``compute_score``), or by an entry point installed in group ``vlm_sapo.rewards``;
 nothing else is ever imported. A reward module may set ``REWARD_TYPE = "batch"``: its function then takes
 ``(completions, ground_truths, metas, **kwargs)`` and returns one dict per sample.
@@ -50,6 +50,7 @@ BUILTIN_REWARDS = {
     "math": "rewards.math",
     "grounding": "rewards.grounding",
     "chart": "rewards.chart",
+    "motion": "rewards.motion",
     "format": "rewards.format",
 }
 _MAX_ERROR_CHARS = 500

@@ -65,6 +65,7 @@ from vlm_sapo.models.loading import load_policy, load_processor, model_family
 from vlm_sapo.models.logprobs import build_policy_inputs
 from vlm_sapo.recipe import Recipe, dump_recipe
 from vlm_sapo.reward_pool import RewardPool, RewardSpec, ScoreResult
+from vlm_sapo.reward_signal import RewardSignal, reward_signal
 from vlm_sapo.rollout import RolloutEngineError, Rollouts, SamplingConfig
 from vlm_sapo.tasks import coord_system_for_family, default_reward_specs, get_task
 from vlm_sapo.tasks.answers import AnswerSpread, answer_spread, parse_answers, warn_if_collapsed
@@ -174,7 +175,10 @@ class Trainer:
 
         self.model_path = resolve_model_path(r.model.path)
         self.processor = load_processor(self.model_path, min_pixels=r.model.min_pixels, max_pixels=r.model.max_pixels,
-                                        trust_remote_code=r.model.trust_remote_code)
+                                        trust_remote_code=r.model.trust_remote_code,
+                                        video_min_pixels=r.model.video_min_pixels,
+                                        video_max_pixels=r.model.video_max_pixels,
+                                        video_max_frames=r.data.video_max_frames, video_fps=r.data.video_fps)
         model = load_policy(self.model_path, dtype=r.model.dtype, attn_implementation=r.model.attn_implementation,
                             trust_remote_code=r.model.trust_remote_code)
         self.family = model_family(model.config)
@@ -271,7 +275,11 @@ class Trainer:
         from vlm_sapo.rollout.vllm_engine import VLLMRolloutEngine
 
         max_len = r.rollout.max_model_len or r.data.max_prompt_tokens + r.rollout.max_new_tokens
+        samples = [s for src in self.sources + self.val_sources for s in src.samples]
+        samples += [s for b in self.eval_benchmarks for s in b.samples]
+        videos = int(any(s.video is not None for s in samples))  # else vLLM need not reserve room for a video
         return VLLMRolloutEngine(self.model_path, self.processor, dtype=r.model.dtype, max_model_len=max_len,
+                                 max_videos_per_prompt=videos,
                                  gpu_memory_utilization=r.rollout.gpu_memory_utilization,
                                  kv_cache_gib=r.rollout.cpu_kvcache_gib, enforce_eager=r.rollout.enforce_eager or None,
                                  seed=r.seed + self.rank), False
@@ -349,7 +357,7 @@ class Trainer:
             if r.algorithm.zero_variance_groups == "keep":
                 keep = torch.ones(len(scored.prompts), dtype=torch.bool)
             else:
-                keep = ~zero_variance_groups(scored.rewards, g)
+                keep = ~self._signal(scored).flat_groups()
             kept.append(_subset(scored, keep, g))
             kept_prompts += int(keep.sum())
             rounds += 1
@@ -358,6 +366,16 @@ class Trainer:
                 break
         merged = _concat(kept, g)
         return merged, all_rounds
+
+    def _signal(self, scored: _Scored) -> RewardSignal:
+        """The advantage estimator's input for `scored`: rewards + overlong penalty, or the named components."""
+        a = self.recipe.algorithm
+        try:
+            return reward_signal(scored.scores, scored.rollouts.completions, scored.rollouts.group_size,
+                                 components=a.advantage.components, overlong=a.overlong,
+                                 max_new_tokens=self.sampling.max_new_tokens)
+        except ValueError as e:
+            raise TrainingError(f"step {self.step + 1}: {e}") from e
 
     def _policy_batch(self, scored: _Scored, rows: list[int]) -> tuple[dict, torch.Tensor]:
         """Model inputs for the completions `rows` (flat indices), and the rollout engine's logprobs aligned to them."""
@@ -393,6 +411,8 @@ class Trainer:
             elif task not in self.collapsed_tasks:  # warn when it happens, not at every step
                 warn_if_collapsed(spread, task, f"step {self.step + 1} (training rollouts)")
                 self.collapsed_tasks.add(task)
+        if all_rounds[0].prompts:  # groups whose advantages are 0: equal rewards, or equal in every component
+            metrics["batch/zero_variance_frac"] = float(self._signal(all_rounds[0]).flat_groups().float().mean())
         metrics["batch/resample_rounds"] = float(len(all_rounds) - 1)
         metrics["batch/groups_kept"] = float(len(scored.prompts))
         metrics["data/dropped_long_prompts"] = float(self.dropped_prompts)
@@ -404,10 +424,21 @@ class Trainer:
             return metrics | _phase_times(timer), batch_ids
 
         g = r.rollout.n
-        adv = self.advantage(scored.rewards, g, **r.algorithm.advantage.hparams()).reshape(-1)
+        rsig = self._signal(scored)
+        adv = self.advantage(rsig.values, g, **r.algorithm.advantage.hparams()).reshape(-1)
         if _fault_due("nan_loss", self.step + 1):
             adv = adv * float("nan")
-        order = torch.randperm(len(adv), generator=torch.Generator().manual_seed(r.seed * 100003 + self.step)).tolist()
+        metrics.update(_overlong_metrics(rsig, r.algorithm.overlong))
+        # overlong filtering: truncated completions count in their group's statistics but not in the loss
+        rows = [i for i in range(len(adv)) if not (r.algorithm.overlong and r.algorithm.overlong.filter
+                                                    and rsig.truncated[i])]
+        if not rows:
+            log.warning("step %d: every completion was truncated (algorithm.overlong.filter); no update", self.step + 1)
+            metrics["batch/skipped_no_signal"] = 1.0
+            metrics["time/step"] = time.perf_counter() - t_step
+            return metrics | _phase_times(timer), batch_ids
+        perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(r.seed * 100003 + self.step))
+        order = [rows[j] for j in perm.tolist()]
         k = min(r.algorithm.mini_batches, len(order))
         minis = [order[i::k] for i in range(k)]
 
@@ -650,6 +681,19 @@ def _answer_spreads(scored: _Scored) -> dict[str, AnswerSpread]:
     for k, c in enumerate(scored.rollouts.completions):
         texts.setdefault(scored.samples[k // g].task, []).append(c.text)
     return {task: answer_spread(parse_answers(task, t)) for task, t in texts.items()}
+
+
+def _overlong_metrics(rsig: RewardSignal, cfg: Any) -> dict[str, float]:
+    """DAPO overlong shaping and filtering, over the completions that got advantages this step."""
+    if cfg is None:
+        return {}
+    out = {"overlong/truncated_frac": float(rsig.truncated.float().mean())}
+    if rsig.penalty is not None:
+        out["overlong/penalty_mean"] = float(rsig.penalty.mean())
+        out["overlong/penalized_frac"] = float((rsig.penalty < 0).float().mean())
+    if cfg.filter:
+        out["overlong/masked"] = float(rsig.truncated.sum())
+    return out
 
 
 def _phase_times(timer: dict[str, float]) -> dict[str, float]:

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vlm_sapo.algos import get_advantage_estimator, list_advantage_estimators, zero_variance_groups
+from vlm_sapo.algos import get_advantage_estimator, list_advantage_estimators, takes_components, zero_variance_groups
 
 
 def ref_advantages(name: str, rewards: list[float], group_size: int) -> list[float]:
@@ -31,7 +31,8 @@ def ref_advantages(name: str, rewards: list[float], group_size: int) -> list[flo
 
 
 def test_registry():
-    assert list_advantage_estimators() == ["drgrpo", "grpo", "rloo"]
+    assert list_advantage_estimators() == ["drgrpo", "gdpo", "grpo", "rloo"]
+    assert [n for n in list_advantage_estimators() if takes_components(n)] == ["gdpo"]
     for name in list_advantage_estimators():
         params = list(inspect.signature(get_advantage_estimator(name)).parameters.values())
         assert [p.name for p in params[:2]] == ["rewards", "group_size"]
@@ -136,3 +137,93 @@ def test_group_invariance_to_shift_and_scale(name, data, shift, scale):
     hp = {"epsilon": 0.0} if name == "grpo" else {}
     expected = fn(rewards, G, **hp) * (1.0 if name == "grpo" else scale)
     torch.testing.assert_close(fn(rewards * scale, G, **hp), expected, rtol=1e-9, atol=1e-9)
+
+
+# ---- GDPO (arXiv:2601.05242): reward components normalised per group, weighted sum, batch std -----------------------
+
+def ref_gdpo(components: list[list[list[float]]], weights: list[float], eps: float = 1e-6) -> list[list[float]]:
+    """components[prompt][sample][k]; plain Python with statistics.stdev (Bessel) at both steps."""
+    summed = []
+    for group in components:
+        row = [0.0] * len(group)
+        for k, w in enumerate(weights):
+            col = [s[k] for s in group]
+            if len(set(col)) == 1:
+                continue  # a flat component adds exactly 0
+            mean, std = sum(col) / len(col), statistics.stdev(col)
+            for j, c in enumerate(col):
+                row[j] += w * (c - mean) / (std + eps)
+        summed.append(row)
+    batch_std = statistics.stdev([a for row in summed for a in row])
+    return [[a / (batch_std + eps) for a in row] for row in summed]
+
+
+def test_gdpo_by_hand():
+    """Two groups of three, (accuracy, format) with weights (1, 0.5), and an all-flat third group.
+    Group 1: accuracy [1, 0, 0] -> mean 1/3, std sqrt(1/3) -> [1.1547, -0.5774, -0.5774]; format [1, 1, 0] ->
+    [0.5774, 0.5774, -1.1547]; sum with weights: [1.4434, -0.2887, -1.1547]. Group 2: accuracy flat (0);
+    format [0, 1, 0] -> [-0.5774, 1.1547, -0.5774] * 0.5 = [-0.2887, 0.5774, -0.2887]. Group 3: 0, 0, 0.
+    Batch std of the nine sums: 0.7071 (sum of squares 4.0, / 8, sqrt): every value is divided by it."""
+    comps = [[[1, 1], [0, 1], [0, 0]], [[1, 0], [1, 1], [1, 0]], [[0.5, 1], [0.5, 1], [0.5, 1]]]
+    r = 3 ** -0.5
+    sums = [[2 * r + 0.5 * r, -r + 0.5 * r, -r - r], [-0.5 * r, r, -0.5 * r], [0.0, 0.0, 0.0]]
+    assert sum(x * x for row in sums for x in row) == pytest.approx(4.0)
+    std = (4.0 / 8) ** 0.5  # the mean of the nine sums is 0
+    hand = [[x / (std + 1e-6) for x in row] for row in sums]
+    rewards = torch.tensor(comps, dtype=torch.float64)
+    adv = get_advantage_estimator("gdpo")(rewards, 3, weights=(1.0, 0.5))
+    assert adv.shape == (3, 3)
+    torch.testing.assert_close(adv, torch.tensor(hand, dtype=torch.float64), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(adv, torch.tensor(ref_gdpo(comps, [1.0, 0.5]), dtype=torch.float64))
+    assert torch.all(adv[2] == 0.0)
+    flat = get_advantage_estimator("gdpo")(rewards.reshape(9, 2), 3, weights=(1.0, 0.5))
+    assert flat.shape == (9,) and torch.equal(flat, adv.reshape(-1))
+
+
+def test_gdpo_and_grpo_on_the_summed_reward_disagree_in_sign():
+    """accuracy [0, 0, 1, 1], format [0, 0.5, 0, 0]: GRPO on the sum [0, 0.5, 1, 1] ranks the wrong-but-formatted
+    sample 1 below the mean (negative); GDPO gives format its own unit scale, and sample 1 is the only one that has
+    it: positive. The paper's point: a summed reward lets the component with the larger spread decide the sign."""
+    acc, fmt = [0.0, 0.0, 1.0, 1.0], [0.0, 0.5, 0.0, 0.0]
+    grpo = get_advantage_estimator("grpo")(torch.tensor([a + f for a, f in zip(acc, fmt)]), 4)
+    gdpo = get_advantage_estimator("gdpo")(torch.tensor([acc, fmt]).T.contiguous(), 4)
+    assert grpo[1] < 0 < gdpo[1]
+    assert torch.equal(torch.sign(grpo[[0, 2, 3]]), torch.sign(gdpo[[0, 2, 3]]))
+    torch.testing.assert_close(gdpo.double(), torch.tensor(ref_gdpo([[[a, f] for a, f in zip(acc, fmt)]], [1, 1]),
+                                                          dtype=torch.float64).reshape(-1), rtol=1e-6, atol=1e-6)
+
+
+@st.composite
+def grouped_components(draw):
+    """[num_prompts, G, C] in which some groups are flat in every component (they must get exactly 0)."""
+    G, C = draw(st.integers(2, 6)), draw(st.integers(1, 3))
+    groups = []
+    for _ in range(draw(st.integers(1, 5))):
+        if draw(st.booleans()):
+            groups.append([draw(st.lists(reward_values, min_size=C, max_size=C))] * G)
+        else:
+            groups.append([draw(st.lists(reward_values, min_size=C, max_size=C)) for _ in range(G)])
+    weights = draw(st.lists(st.floats(0.1, 3.0), min_size=C, max_size=C))
+    return torch.tensor(groups, dtype=torch.float64), G, weights
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=grouped_components())
+def test_gdpo_all_flat_groups_get_exactly_zero_and_match_the_reference(data):
+    rewards, G, weights = data
+    adv = get_advantage_estimator("gdpo")(rewards, G, weights=tuple(weights))
+    flat = torch.tensor([all(len({s[k] for s in g}) == 1 for k in range(len(weights))) for g in rewards.tolist()])
+    assert torch.all(adv[flat] == 0.0)
+    if not flat.all():
+        ref = ref_gdpo(rewards.tolist(), weights)
+        torch.testing.assert_close(adv, torch.tensor(ref, dtype=torch.float64), rtol=1e-6, atol=1e-9)
+
+
+def test_gdpo_bad_inputs_are_named():
+    gdpo = get_advantage_estimator("gdpo")
+    with pytest.raises(ValueError, match="2 finite weights"):
+        gdpo(torch.zeros(4, 2), 2, weights=(1.0,))
+    with pytest.raises(ValueError, match="component rewards must be"):
+        gdpo(torch.zeros(4), 2)
+    with pytest.raises(ValueError, match="whole number of groups"):
+        gdpo(torch.zeros(5, 2), 2)

@@ -23,7 +23,7 @@ from vlm_sapo.algos import (
 )
 from vlm_sapo.algos.kl import truncated_is_weight
 
-LOSSES = ["sapo", "gspo", "grpo", "dapo", "drgrpo", "cispo"]
+LOSSES = ["sapo", "gspo", "grpo", "dapo", "drgrpo", "cispo", "dppo_tv", "dppo_kl"]
 SPREAD = {"gspo": 2e-3}  # std of token log-ratios in test batches; GSPO's band (3e-4, 4e-4) is on a geometric mean
 
 
@@ -111,6 +111,38 @@ def ref_cispo(logp, old, adv, mask, weights=None, clip_high=4.0, clip_low=None):
     return -value, grad
 
 
+def dppo_outside(lp, olp, divergence, lo=None, hi=None):
+    """(moved up out of the region, moved down out of it) for one token, by the paper's binary TV or binary KL."""
+    default = 0.15 if divergence == "tv" else 0.05
+    lo, hi = default if lo is None else lo, default if hi is None else hi
+    p, mu = math.exp(min(lp, 0.0)), math.exp(min(olp, 0.0))
+    if divergence == "tv":
+        return p - mu > hi, p - mu < -lo
+    if mu == 1:
+        kl = math.log(1 / p)
+    else:  # p = 1 (a log-prob above 0 in the test batches is clamped to 0): an infinite divergence
+        kl = mu * math.log(mu / p) + ((1 - mu) * math.log((1 - mu) / (1 - p)) if p < 1 else math.inf)
+    return p > mu and kl > hi, p < mu and kl > lo
+
+
+def ref_dppo(logp, old, adv, mask, weights=None, divergence="tv", clip_low=None, clip_high=None, ratio_cap=20.0):
+    """DPPO (arXiv:2602.04879) from its definition: per token, keep = the update does not push the sampled token
+    further out of the binary-TV / binary-KL trust region; loss -min(r, cap) A log pi over kept tokens, token mean."""
+    rows = _rows(logp, old, adv, mask, weights)
+    n_tok = sum(len(r) for r in rows)
+    value, grad = 0.0, [[0.0] * len(logp[0]) for _ in logp]
+    for i, toks in enumerate(rows):
+        for t, lp, olp, a, w in toks:
+            a = a * w
+            out_up, out_down = dppo_outside(lp, olp, divergence, clip_low, clip_high)
+            if (a > 0 and out_up) or (a < 0 and out_down):
+                continue
+            c = min(math.exp(lp - olp), ratio_cap)
+            value += c * a * lp / n_tok
+            grad[i][t] = -c * a / n_tok
+    return -value, grad
+
+
 REFERENCES = {
     "sapo": ref_sapo,
     "gspo": ref_gspo,
@@ -118,6 +150,8 @@ REFERENCES = {
     "dapo": lambda *a, **k: ref_clip(*a, clip_low=0.2, clip_high=0.28, **k, agg="token"),
     "drgrpo": lambda *a, **k: ref_clip(*a, **k, agg="const", max_length=1024),
     "cispo": ref_cispo,
+    "dppo_tv": lambda *a, **k: ref_dppo(*a, **k, divergence="tv"),
+    "dppo_kl": lambda *a, **k: ref_dppo(*a, **k, divergence="kl"),
 }
 
 
@@ -171,6 +205,9 @@ def test_default_hparams_match_the_papers():
     assert (defaults["grpo"]["clip_low"], defaults["grpo"]["clip_high"]) == (0.2, 0.2)
     assert (defaults["dapo"]["clip_low"], defaults["dapo"]["clip_high"]) == (0.2, 0.28)
     assert defaults["cispo"]["clip_low"] is None
+    assert (defaults["dppo_tv"]["clip_low"], defaults["dppo_tv"]["clip_high"]) == (0.15, 0.15)
+    assert (defaults["dppo_kl"]["clip_low"], defaults["dppo_kl"]["clip_high"]) == (0.05, 0.05)
+    assert defaults["dppo_tv"]["ratio_cap"] == defaults["dppo_kl"]["ratio_cap"] == 20.0
 
 
 @pytest.mark.parametrize("name", LOSSES)
@@ -187,7 +224,7 @@ def test_value_and_gradient_match_reference(name, token_adv, dtype):
 
 
 def test_reference_batches_exercise_both_clip_sides():
-    seen = {n: [0.0, 0.0] for n in ["gspo", "grpo", "dapo", "drgrpo"]}
+    seen = {n: [0.0, 0.0] for n in ["gspo", "grpo", "dapo", "drgrpo", "dppo_tv", "dppo_kl"]}
     for name in seen:
         for seed in range(5):
             logp, old, adv, mask = make_batch(seed, spread=SPREAD.get(name, 0.3), token_adv=True)
@@ -214,7 +251,11 @@ def test_clip_fractions_and_ratio_metrics(name):
             r = seq if name == "gspo" else math.exp(float(logp[i, t] - old[i, t]))
             ratios += [] if name == "gspo" else [r]
             a = float(adv[i, t])
-            if name == "cispo":
+            if name.startswith("dppo"):
+                up, down = dppo_outside(float(logp[i, t]), float(old[i, t]), name.removeprefix("dppo_"))
+                low += a < 0 and down
+                high += a > 0 and up
+            elif name == "cispo":
                 high += r > 1 + hi
             else:
                 low += a < 0 and r < 1 - lo
@@ -416,3 +457,27 @@ def test_permuting_sequences_changes_nothing(name, batch, seed):
     assert loss_p.item() == pytest.approx(loss.item(), rel=1e-5, abs=1e-6)
     torch.testing.assert_close(grad_p, grad[perm], rtol=1e-5, atol=1e-7)
     assert metrics_p == pytest.approx(metrics, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["dppo_tv", "dppo_kl"])
+def test_dppo_masks_by_divergence_not_by_ratio(name):
+    """The paper's point, one token per case (A = +1 or -1, float64), against a hand computation:
+    a rare token moving 1e-4 -> 1e-3 (ratio 10) stays in the region (PPO's clip drops it); a common token moving
+    0.5 -> 0.7 (ratio 1.4) leaves it; a move back towards the region is never dropped; the weight is capped at 20."""
+    old_p = [1e-4, 0.5, 0.5, 0.9, 0.5, 1e-5]
+    new_p = [1e-3, 0.7, 0.6, 0.7, 0.8, 1e-3]
+    adv = torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0, 1.0], dtype=torch.float64)
+    kept = [True, False, True, False, True, True]  # TV: |delta| 9e-4, 0.2, 0.1, 0.2; KL: 0.087, 0.020, 0.116
+    old = torch.tensor(old_p, dtype=torch.float64).log()[:, None]
+    logp = torch.tensor(new_p, dtype=torch.float64).log()[:, None]
+    mask = torch.ones(6, 1)
+    loss, grad, m = run(name, logp, old, adv, mask)
+    weights = [min(p / q, 20.0) for p, q in zip(new_p, old_p)]
+    expected = [-w * a / 6 if k else 0.0 for w, a, k in zip(weights, adv.tolist(), kept)]
+    torch.testing.assert_close(grad[:, 0], torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0)
+    value = -sum(w * a * lp / 6 for w, a, lp, k in zip(weights, adv.tolist(), logp[:, 0].tolist(), kept) if k)
+    assert loss.item() == pytest.approx(value, rel=1e-12)
+    assert m["clip_frac_high"] == pytest.approx(1 / 6) and m["clip_frac_low"] == pytest.approx(1 / 6)
+    assert m["ratio_capped_frac"] == pytest.approx(1 / 6)
+    _, grpo_grad, _ = run("grpo", logp, old, adv, mask)
+    assert grpo_grad[0, 0] == 0 and grad[0, 0] < 0  # PPO's ratio clip drops the rare token DPPO keeps

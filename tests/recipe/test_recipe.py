@@ -72,6 +72,29 @@ def test_unknown_loss_and_foreign_hparam() -> None:
     assert "`tau_pos` is not a hyper-parameter of loss `grpo`" in msg
 
 
+def test_gdpo_components_and_overlong_are_checked() -> None:
+    gdpo = {"name": "gdpo", "components": {"accuracy": 1.0, "format": 0.5}}
+    r = validate_recipe({**MINIMAL, "rollout": {"max_new_tokens": 64}, "algorithm": {"advantage": gdpo,
+                                                                                  "overlong": {"filter": True}}})
+    assert r.algorithm.overlong.buffer == 12  # a fifth of max_new_tokens, DAPO's 4,096 of 20,480
+    # the overlong penalty becomes a GDPO component of its own (weight 1), after the listed ones
+    assert r.algorithm.advantage.components == {"accuracy": 1.0, "format": 0.5, "overlong": 1.0}
+    assert r.algorithm.advantage.hparams() == {"weights": (1.0, 0.5, 1.0)}
+    assert _problems({**MINIMAL, "algorithm": {"advantage": {"name": "gdpo"}}}) == [
+        "`algorithm.advantage`: advantage estimator `gdpo` needs `components` (reward score name -> weight, e.g. "
+        "{accuracy: 1.0, format: 1.0})"]
+    (msg,) = _problems({**MINIMAL, "algorithm": {"advantage": {"name": "grpo", "components": {"accuracy": 1.0}}}})
+    assert "`components` applies to estimators over reward components (gdpo), not `grpo`" in msg
+    (msg,) = _problems({**MINIMAL, "rollout": {"max_new_tokens": 8}, "algorithm": {"overlong": {"buffer": 9}}})
+    assert msg.startswith("`algorithm.overlong.buffer` (9) exceeds `rollout.max_new_tokens` (8)")
+    (msg,) = _problems({**MINIMAL, "algorithm": {"overlong": {"buffer": 0}}})
+    assert "does nothing" in msg
+    (msg,) = _problems({**MINIMAL, "algorithm": {"overlong": {"buffer": 0, "filter": True},
+                                                 "advantage": {"name": "gdpo", "components": {"overlong": 1.0}}}})
+    assert "`overlong` but `overlong.buffer` is not > 0" in msg
+    assert validate_recipe({**MINIMAL, "algorithm": {"loss": {"name": "dppo_kl", "ratio_cap": 5}}})
+
+
 def test_overrides_are_typed_by_the_schema(tmp_path: Path) -> None:
     p = _write(tmp_path, MINIMAL)
     r = load_recipe(p, ["learner.lr=3e-4", "rollout.n=4", "data.train.0.task=chart", "algorithm.loss.tau_neg=2"])

@@ -12,7 +12,15 @@ import time
 
 import pytest
 import torch
-from rollout_helpers import forward_logprobs, learner_logprobs, max_abs_diff
+from rollout_helpers import (
+    QWEN25_PIXELS,
+    check_video_prompt_tokens,
+    forward_logprobs,
+    learner_logprobs,
+    max_abs_diff,
+    render_video_prompts,
+    video_processor_for,
+)
 
 from vlm_sapo.data import prompt_model_inputs
 from vlm_sapo.rollout import RolloutEngineError, SamplingConfig
@@ -45,7 +53,7 @@ def engine(model_dir, tiny25_processor):
     from vlm_sapo.rollout.vllm_engine import VLLMRolloutEngine
 
     threads = torch.get_num_threads()
-    eng = VLLMRolloutEngine(model_dir, tiny25_processor, max_model_len=512, kv_cache_gib=1)
+    eng = VLLMRolloutEngine(model_dir, tiny25_processor, max_model_len=512, kv_cache_gib=1, max_videos_per_prompt=1)
     yield eng
     eng.close()
     assert torch.get_num_threads() == threads  # later tests in this process keep their threads
@@ -147,6 +155,33 @@ def test_update_weights_reaches_the_running_engine(engine, model, tiny25_process
     back = engine.generate(test_prompts[:1], 2, sampling)
     ref = learner_logprobs(model, tiny25_processor, test_prompts[:1], back, 0.8)
     assert max_abs_diff([c.logprobs for c in back.completions], ref) < 1e-3
+
+
+def test_video_prompts_equal_the_learner_and_transformers_stock_positions_do_not(engine, model, model_dir):
+    """Video prompts (see test_video_logprobs.py) on this engine. transformers 5.3+ continues the text after a video
+    at max(h, w) / merge, vLLM and the released Qwen2.5-VL at the video's largest position + 1
+    (huggingface/transformers#45381): with transformers' own get_rope_index the forward disagrees with vLLM, with
+    `vlm_sapo.models.rope` (installed by load_policy) it agrees."""
+    import types
+
+    processor = video_processor_for(model_dir, QWEN25_PIXELS)
+    prompts = render_video_prompts(processor, QWEN25_PIXELS)
+    ro = engine.generate(prompts, 2, SamplingConfig(temperature=0.8, top_p=0.9, max_new_tokens=8, seed=4))
+    check_video_prompt_tokens(processor, prompts, ro)
+    ours = [c.logprobs for c in ro.completions]
+    learner = max_abs_diff(ours, learner_logprobs(model, processor, prompts, ro, 0.8))
+    forward = max_abs_diff(ours, [forward_logprobs(model, processor, prompts[c.prompt_index], c.completion_ids, 0.8)
+                                  for c in ro.completions])
+    released = model.model.get_rope_index
+    model.model.get_rope_index = types.MethodType(type(model.model).get_rope_index, model.model)
+    try:
+        stock = max_abs_diff(ours, [forward_logprobs(model, processor, prompts[c.prompt_index], c.completion_ids, 0.8)
+                                    for c in ro.completions])
+    finally:
+        model.model.get_rope_index = released
+    print(f"\nqwen2_5_vl vllm engine, video prompts: max |diff| vs learner {learner:.1e}, vs forward {forward:.1e}, "
+          f"vs transformers' stock positions {stock:.1e}")
+    assert learner < 1e-4 and forward < 1e-4 and stock > 1e-4
 
 
 def test_sleep_wake_and_bad_prompts_keep_the_engine(engine, test_prompts):

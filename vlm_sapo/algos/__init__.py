@@ -8,6 +8,7 @@ from vlm_sapo.algos.advantages import (
     get_advantage_estimator,
     list_advantage_estimators,
     register_advantage_estimator,
+    takes_components,
     zero_variance_groups,
 )
 from vlm_sapo.algos.kl import KL_ESTIMATORS, kl_penalty, mismatch_metrics, truncated_is_weight
@@ -21,6 +22,7 @@ from vlm_sapo.algos.losses import (
     policy_loss_aggregation,
     register_policy_loss,
 )
+from vlm_sapo.algos.overlong import overlong_penalty
 
 __all__ = [
     "AGGREGATIONS",
@@ -35,9 +37,11 @@ __all__ = [
     "list_advantage_estimators",
     "list_policy_losses",
     "mismatch_metrics",
+    "overlong_penalty",
     "policy_loss_aggregation",
     "register_advantage_estimator",
     "register_policy_loss",
+    "takes_components",
     "truncated_is_weight",
     "zero_variance_groups",
 ]

@@ -391,3 +391,95 @@ def cispo_loss(
     with torch.no_grad():
         metrics = _clip_metrics(ratio, ratio < lower, ratio > 1 + clip_high, b.valid)
     return loss, _floats(metrics)
+
+
+def _binary_kl(old_logp: Tensor, logp: Tensor) -> Tensor:
+    """KL(Bernoulli(mu) || Bernoulli(p)) from log-probabilities (<= 0): the sampled token against all others.
+
+    mu log(mu / p) + (1 - mu) log((1 - mu) / (1 - p)), with log(1 - x) as log(-expm1(log x)) so probabilities near
+    1 keep their precision; the second term is 0 when mu = 1 and +inf when p = 1 > mu.
+    """
+    mu = old_logp.exp()
+    rest = (1 - mu) * (torch.log(-torch.expm1(old_logp)) - torch.log(-torch.expm1(logp)))
+    return mu * (old_logp - logp) + torch.where(mu < 1, rest, 0.0)
+
+
+def _dppo(name: str, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_low: float,
+          clip_high: float, ratio_cap: float, max_log_ratio: float, divergence: str) -> tuple[Tensor, dict[str, float]]:
+    """DPPO's masked policy gradient: -sg[min(r, ratio_cap)] A log pi on tokens inside the trust region."""
+    if not (clip_low >= 0 and clip_high >= 0 and ratio_cap > 0):
+        raise ValueError(f"{name}: need clip_low >= 0, clip_high >= 0 and ratio_cap > 0, got {clip_low!r}, "
+                         f"{clip_high!r}, {ratio_cap!r}")
+    b = _prepare(logp, old_logp, advantages, mask, max_log_ratio)
+    with torch.no_grad():
+        new = b.logp.detach().clamp(max=0.0)  # log-probabilities; 0 on masked positions
+        old = torch.where(b.valid, old_logp.detach().to(new.dtype), 0.0).clamp(max=0.0)
+        if divergence == "tv":  # pi - pi_old: its sign is the direction of the move
+            delta = new.exp() - old.exp()
+            out_high, out_low = delta > clip_high, delta < -clip_low
+        else:
+            kl = _binary_kl(old, new)
+            out_high, out_low = (new > old) & (kl > clip_high), (new < old) & (kl > clip_low)
+        # Only the update that pushes further out is dropped: A > 0 raises pi, A < 0 lowers it.
+        masked_high = b.valid & (b.adv > 0) & out_high
+        masked_low = b.valid & (b.adv < 0) & out_low
+        keep = ~(masked_high | masked_low)
+        ratio = b.log_ratio.exp()
+        weight = ratio.clamp(max=ratio_cap)
+    loss = -aggregate(torch.where(keep, weight * b.adv * b.logp, 0.0), b.valid, TOKEN_MEAN)
+    with torch.no_grad():
+        metrics = _clip_metrics(ratio, masked_low, masked_high, b.valid)
+        metrics["ratio_capped_frac"] = _mean((ratio > ratio_cap).to(ratio.dtype), b.valid)
+    return loss, _floats(metrics)
+
+
+@register_policy_loss("dppo_tv", aggregation=TOKEN_MEAN)
+def dppo_tv_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_low: float = 0.15,
+    clip_high: float = 0.15,
+    ratio_cap: float = 20.0,
+    max_log_ratio: float = 20.0,
+) -> tuple[Tensor, dict[str, float]]:
+    """DPPO-Binary-TV: a trust region on the probability change of the sampled token, not on its ratio.
+
+    Qi et al., "Rethinking the Trust Region in LLM Reinforcement Learning" (DPPO), arXiv:2602.04879 (2026).
+    PPO's ratio clip over-constrains rare tokens (a 1e-5 -> 1e-4 move is a ratio of 10) and under-constrains common
+    ones; the binary total variation |pi - pi_old| of the sampled token (a lower bound of the full TV) does neither.
+    Loss -sg[min(r, ratio_cap)] A log pi (r = pi / pi_old, the importance weight of a REINFORCE update), where a
+    token is dropped when its update would push it further out of the region: A > 0 and pi - pi_old > clip_high, or
+    A < 0 and pi - pi_old < -clip_low. Token mean over the batch. As with CISPO only the gradient is meaningful.
+
+    Defaults: thresholds 0.15 as in the authors' recipe (verl examples/dppo_trainer); ratio_cap 20 is verl's
+    `clip_ratio_c` default (the authors' code uses 10, their recipe 1e4: truncation biases against rare tokens,
+    paper section 5.4). The region is anchored at old_logp, the learner's pi_old, as in verl's `dppo_tv`; the paper
+    prefers the rollout engine's policy as the anchor (its "recompute" variant is this one). Metrics:
+    clip_frac_low/high (masked fractions by side), ratio_capped_frac, ratio_mean/max.
+    """
+    return _dppo("dppo_tv", logp, old_logp, advantages, mask, clip_low, clip_high, ratio_cap, max_log_ratio, "tv")
+
+
+@register_policy_loss("dppo_kl", aggregation=TOKEN_MEAN)
+def dppo_kl_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_low: float = 0.05,
+    clip_high: float = 0.05,
+    ratio_cap: float = 20.0,
+    max_log_ratio: float = 20.0,
+) -> tuple[Tensor, dict[str, float]]:
+    """DPPO-Binary-KL: the trust region of `dppo_tv` measured by the binary KL of the sampled token.
+
+    Qi et al., "Rethinking the Trust Region in LLM Reinforcement Learning" (DPPO), arXiv:2602.04879 (2026).
+    D = KL(Bernoulli(pi_old) || Bernoulli(pi)) over {sampled token, everything else}; a token is dropped when A > 0,
+    pi > pi_old and D > clip_high, or A < 0, pi < pi_old and D > clip_low. Loss, weight, aggregation, anchor and
+    metrics as `dppo_tv`; thresholds 0.05 as in the authors' recipe (verl examples/dppo_trainer).
+    """
+    return _dppo("dppo_kl", logp, old_logp, advantages, mask, clip_low, clip_high, ratio_cap, max_log_ratio, "kl")

@@ -6,12 +6,16 @@ from vlm_sapo.data.prompts import (
     DroppedPrompt,
     PromptTooLongError,
     RenderedPrompt,
+    RenderedVideo,
     RenderResult,
+    VideoBudget,
     prompt_model_inputs,
     render_prompt,
     render_prompts,
+    video_budget,
 )
 from vlm_sapo.data.sample import Sample
+from vlm_sapo.data.videos import DecodedVideo, VideoError, VideoRef, load_video
 
 __all__ = [
     "BadRow",
@@ -23,11 +27,18 @@ __all__ = [
     "PromptTooLongError",
     "RenderResult",
     "RenderedPrompt",
+    "RenderedVideo",
     "Sample",
+    "VideoBudget",
+    "VideoError",
+    "VideoRef",
+    "DecodedVideo",
     "load_samples",
     "open_image",
     "prompt_model_inputs",
     "render_prompt",
     "render_prompts",
     "to_rgb",
+    "load_video",
+    "video_budget",
 ]

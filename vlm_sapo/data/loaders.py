@@ -1,9 +1,10 @@
 """Reading samples from JSON lines, Parquet and `datasets` folders, with every row validated before training starts.
 
-A bad row (missing field, empty question, missing/truncated/oversized image, a path escaping the data folder, ...)
-is found here, up front, and reported with its file, row and column: `on_bad_row="fail"` raises one `DataError`
-listing the first few (all counted); `"skip"` returns them in `LoadResult.skipped`. Each image is fully decoded once
-during validation and then closed; samples keep lazy `ImageRef`s.
+A bad row (missing field, empty question, missing/truncated/oversized image or video, a path escaping the data folder,
+...) is found here, up front, and reported with its file, row and column (a video's frame as `video[k]`):
+`on_bad_row="fail"` raises one `DataError` listing the first few (all counted); `"skip"` returns them in
+`LoadResult.skipped`. Each image (and video) is fully decoded once during validation and then closed; samples keep
+lazy `ImageRef`s (`VideoRef`s).
 
 Image paths: relative paths resolve against `image_root` or else the data file's folder (for a dataset folder,
 that folder) and must stay inside it after normalising `..` (checked on the path text, so a symlinked cache layout
@@ -33,8 +34,9 @@ from vlm_sapo.data.images import (
     open_image,
 )
 from vlm_sapo.data.sample import Sample
+from vlm_sapo.data.videos import VideoError, VideoRef, probe_video_file
 
-FIELDS = ("id", "images", "question", "answer")
+FIELDS = ("id", "images", "question", "answer", "video")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 MAX_LISTED = 5
 
@@ -101,8 +103,9 @@ def load_samples(
 ) -> LoadResult:
     """Load and validate every row of `path` (a .jsonl/.ndjson or .parquet/.arrow file, or a folder).
 
-    `columns` maps project fields (`id`, `images` or `image`, `question`, `answer`) to source column names; unmapped
-    fields use their own name (`images`, else `image`). Every other column goes to `Sample.meta`. Without an id
+    `columns` maps project fields (`id`, `images` or `image`, `question`, `answer`, `video`) to source column names;
+    unmapped fields use their own name (`images`, else `image`). A row needs images, a `video` (a list of frames or a
+    video file, see `vlm_sapo.data.videos`), or both. Every other column goes to `Sample.meta`. Without an id
     column, id = "<file stem>:<row index>". `limit` caps the rows read (good or bad), not the samples kept.
     """
     if on_bad_row not in ("fail", "skip"):
@@ -130,6 +133,7 @@ def load_samples(
 
     limits = dict(max_pixels=max_image_pixels, max_aspect_ratio=max_aspect_ratio, min_side=min_side)
     checked: dict[Path, str | None] = {}  # each image file is decoded once even when many rows share it
+    videos: dict[Path, VideoRef | str] = {}  # each video file too (its probe, or the problem found)
     samples: list[Sample] = []
     bad: list[BadRow] = []
     seen_ids: dict[str, str] = {}
@@ -140,7 +144,8 @@ def load_samples(
         try:
             if raw.error is not None or raw.record is None:
                 raise _RowError(None, raw.error or "empty row")
-            sample = _build_sample(raw.record, index, stem, task, columns, base, allow_absolute_paths, limits, checked)
+            sample = _build_sample(raw.record, index, stem, task, columns, base, allow_absolute_paths, limits, checked,
+                                   videos)
             where = f"line {raw.row}" if raw.is_line else f"row {raw.row}"
             if sample.id in seen_ids:
                 raise _RowError(columns.get("id", "id"), f"duplicate id {sample.id!r} (first at {seen_ids[sample.id]})")
@@ -160,11 +165,13 @@ def load_samples(
 
 
 def _build_sample(record: dict[str, Any], index: int, stem: str, task: str, columns: dict[str, str], base: Path,
-                  allow_absolute: bool, limits: dict[str, Any], checked: dict[Path, str | None]) -> Sample:
+                  allow_absolute: bool, limits: dict[str, Any], checked: dict[Path, str | None],
+                  videos: dict[Path, VideoRef | str]) -> Sample:
     id_col = columns.get("id", "id")
     image_col = columns.get("images") or ("images" if "images" in record else "image")
     question_col = columns.get("question", "question")
     answer_col = columns.get("answer", "answer")
+    video_col = columns.get("video", "video")
 
     if id_col in record:
         sid = record[id_col]
@@ -194,11 +201,12 @@ def _build_sample(record: dict[str, Any], index: int, stem: str, task: str, colu
     if answer_col not in record or record[answer_col] is None:
         raise _RowError(answer_col, "missing required field 'answer'")
 
-    if image_col not in record or record[image_col] is None:
-        raise _RowError(image_col, "missing required field 'images' (or 'image')")
-    value = record[image_col]
-    items = value if isinstance(value, (list, tuple)) else [value]
-    if not items:
+    has_video = record.get(video_col) is not None
+    if (image_col not in record or record[image_col] is None) and not has_video:
+        raise _RowError(image_col, "missing required field 'images' (or 'image', or 'video')")
+    value = record.get(image_col)
+    items = [] if value is None else value if isinstance(value, (list, tuple)) else [value]
+    if not items and not has_video:
         raise _RowError(image_col, "image list is empty")
     refs = []
     for k, item in enumerate(items):
@@ -210,9 +218,51 @@ def _build_sample(record: dict[str, Any], index: int, stem: str, task: str, colu
             raise _RowError(col, str(err)) from err
         refs.append(ref)
 
-    used = {id_col, image_col, question_col, answer_col}
+    video = _video_ref(record[video_col], video_col, base, allow_absolute, limits, videos) if has_video else None
+    used = {id_col, image_col, question_col, answer_col, video_col}
     meta = {k: v for k, v in record.items() if k not in used}
-    return Sample(id=sid, task=task, images=refs, question=question, answer=record[answer_col], meta=meta)
+    return Sample(id=sid, task=task, images=refs, question=question, answer=record[answer_col], meta=meta, video=video)
+
+
+def _video_ref(value: Any, col: str, base: Path, allow_absolute: bool, limits: dict[str, Any],
+               videos: dict[Path, VideoRef | str]) -> VideoRef:
+    """A list of frames (each checked as an image, all one size) or a video file (probed once per file)."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise _RowError(col, "video frame list is empty")
+        frames, size = [], None
+        for k, item in enumerate(value):
+            try:
+                ref = _image_ref(item, base, allow_absolute, limits["max_pixels"])
+                with open_image(ref, **limits) as img:
+                    if size is not None and img.size != size:
+                        raise ImageError(f"frame {k} is {img.width}x{img.height}, frame 0 is {size[0]}x{size[1]}: a "
+                                         "video's frames must share one size")
+                    size = img.size
+            except ImageError as err:
+                raise _RowError(f"{col}[{k}]", str(err)) from err
+            frames.append(ref)
+        return VideoRef(frames=tuple(frames), max_pixels=limits["max_pixels"], num_frames=len(frames))
+    if not isinstance(value, str):
+        raise _RowError(col, f"video must be a file path or a list of frames, got {type(value).__name__}")
+    try:
+        ref = _image_ref(value, base, allow_absolute, limits["max_pixels"])  # the same path rules as images
+    except ImageError as err:
+        raise _RowError(col, str(err).replace("image", "video")) from err
+    if ref.path is None:
+        raise _RowError(col, "video must be a file path or a list of frames, not inline data")
+    try:
+        if ref.path not in videos:
+            try:
+                videos[ref.path] = probe_video_file(ref.path, **limits)
+            except VideoError as err:
+                videos[ref.path] = str(err)
+        probed = videos[ref.path]
+        if isinstance(probed, str):
+            raise VideoError(probed)
+        return probed
+    except VideoError as err:
+        raise _RowError(col, str(err)) from err
 
 
 def _image_ref(item: Any, base: Path, allow_absolute: bool, max_pixels: int) -> ImageRef:

@@ -5,6 +5,16 @@ min/max pixels), and the processor is then called with `do_resize=False`: the pi
 and the learner see are the same by construction, and the image-token count is (h / (patch*merge)) * (w / (patch*merge))
 per image: 28 for Qwen2/2.5-VL (patch 14), 32 for Qwen3-VL (patch 16). A prompt over `max_prompt_tokens` is dropped or
 fails, never truncated, because truncation would cut through image tokens.
+
+A video is sampled (`Sample.load_video`: at most `max_frames` frames, a file at `fps`), padded to an even frame count
+by repeating its last frame and resized once, every frame to one size, with qwen-vl-utils' `smart_resize` within the
+per-frame pixel budget and its resize (bicubic, antialiased); the frames, their size and the sampling metadata
+(source fps, kept frame indices, source frame count: Qwen2.5-VL's temporal positions and Qwen3-VL's timestamps come
+from it) travel in the `RenderedPrompt`, and the processor is called with `do_resize=False, do_sample_frames=False`.
+(qwen-vl-utils 0.0.14's `fetch_video` would pre-resize a frame list with a doubled patch factor, squashing non-square
+frames, so the frames are stacked here and its resize step is applied once.) The video budget is the processor's own
+(`load_processor(video_min_pixels=, video_max_pixels=, video_max_frames=, video_fps=)`), read by `video_budget`, so
+training, evaluation and the cold start render one video alike. Video tokens are counted by the processor itself.
 """
 
 from __future__ import annotations
@@ -13,6 +23,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
+import torch
 from PIL import Image
 
 from vlm_sapo.data.images import ImageError
@@ -26,9 +38,47 @@ class PromptTooLongError(DataError):
     """The rendered prompt, image tokens included, is longer than `max_prompt_tokens`."""
 
 
+@dataclass(frozen=True)
+class VideoBudget:
+    """Per-frame pixel budget, frame budget and the sampling rate of a video (file) or of a frame list."""
+
+    min_pixels: int
+    max_pixels: int
+    max_frames: int
+    fps: float
+
+
+def video_budget(processor: Any) -> VideoBudget:
+    """The processor's video budget, as `load_processor(video_min_pixels=, ...)` set it (the checkpoint's otherwise;
+    qwen-vl-utils' 2 fps where the checkpoint names no rate)."""
+    vp = processor.video_processor
+    size = dict(vp.size)
+    return VideoBudget(int(size["shortest_edge"]), int(size["longest_edge"]), int(vp.max_frames),
+                       float(getattr(vp, "fps", None) or 2.0))
+
+
+@dataclass
+class RenderedVideo:
+    """A video ready for the model: uint8 frames [T, 3, H, W] (T even, H and W multiples of patch x merge) and the
+    sampling metadata transformers and vLLM both take (`metadata()`)."""
+
+    frames: torch.Tensor
+    fps: float
+    frames_indices: list[int]
+    total_num_frames: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.frames.shape[-1]), int(self.frames.shape[-2])
+
+    def metadata(self) -> dict[str, Any]:
+        return {"fps": self.fps, "frames_indices": list(self.frames_indices), "total_num_frames": self.total_num_frames,
+                "duration": self.total_num_frames / self.fps, "video_backend": "vlm_sapo"}
+
+
 @dataclass
 class RenderedPrompt:
-    """A prompt ready for generation: chat-templated text plus pre-resized RGB images.
+    """A prompt ready for generation: chat-templated text plus pre-resized RGB images and videos.
 
     `model_input_sizes` are (width, height) of the resized images (Qwen2.5-VL answers boxes in these pixels);
     `original_sizes` are (width, height) of the decoded images (after EXIF orientation), to map boxes back.
@@ -40,6 +90,7 @@ class RenderedPrompt:
     model_input_sizes: list[tuple[int, int]]
     num_prompt_tokens: int
     original_sizes: list[tuple[int, int]] = field(default_factory=list)
+    videos: list[RenderedVideo] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -116,24 +167,73 @@ def render_prompt(
         images.append(resized)
         sizes.append((w, h))
 
-    content: list[dict[str, str]] = [{"type": "image"} for _ in images]
+    videos = [] if sample.video is None else [_render_video(processor, sample, factor, image_patch_size)]
+
+    content: list[dict[str, str]] = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos]
     content.append({"type": "text", "text": user_text(sample.question, instruction)})
     messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system is not None else []
     messages.append({"role": "user", "content": content})
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    image_token = processor.image_token
-    if text.count(image_token) != len(images) or getattr(processor, "video_token", "<|video_pad|>") in text:
+    image_token, video_token = processor.image_token, getattr(processor, "video_token", "<|video_pad|>")
+    if text.count(image_token) != len(images) or text.count(video_token) != len(videos):
         raise DataError(f"sample {sample.id!r}: prompt has {text.count(image_token)} '{image_token}' for "
-                        f"{len(images)} image(s) (or a video token): the question or instruction contains "
-                        "vision special tokens")
+                        f"{len(images)} image(s) and {text.count(video_token)} '{video_token}' for {len(videos)} "
+                        "video(s): the question or instruction contains vision special tokens")
     tokens_per_image = [(w // factor) * (h // factor) for w, h in sizes]
-    num_tokens = len(processor.tokenizer(text)["input_ids"]) + sum(n - 1 for n in tokens_per_image)
+    if videos:  # video tokens (and Qwen3-VL's timestamps) as the processor expands them
+        num_tokens = len(_call_processor(processor, text, images, videos)["input_ids"][0])
+    else:
+        num_tokens = len(processor.tokenizer(text)["input_ids"]) + sum(n - 1 for n in tokens_per_image)
     if max_prompt_tokens is not None and num_tokens > max_prompt_tokens:
         raise PromptTooLongError(f"sample {sample.id!r}: prompt is {num_tokens} tokens ({sum(tokens_per_image)} "
-                                 f"image tokens), above max_prompt_tokens={max_prompt_tokens}")
+                                 f"image tokens{', and a video' if videos else ''}), above "
+                                 f"max_prompt_tokens={max_prompt_tokens}")
     return RenderedPrompt(id=sample.id, text=text, images=images, model_input_sizes=sizes,
-                          num_prompt_tokens=num_tokens, original_sizes=[im.size for im in originals])
+                          num_prompt_tokens=num_tokens, original_sizes=[im.size for im in originals], videos=videos)
+
+
+def _render_video(processor: Any, sample: Sample, factor: int, image_patch_size: int) -> RenderedVideo:
+    """Sample, pad to an even count, stack and resize the video once (see the module docstring)."""
+    from qwen_vl_utils.vision_process import smart_resize
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.functional import resize
+
+    budget = video_budget(processor)
+    if processor.video_processor.patch_size != image_patch_size:
+        raise ValueError(f"image_patch_size={image_patch_size} but the video processor's patch_size is "
+                         f"{processor.video_processor.patch_size}")
+    try:
+        decoded = sample.load_video(max_frames=budget.max_frames, fps=budget.fps)
+    except ImageError as err:
+        raise DataError(f"sample {sample.id!r} video: {err}") from err
+    frames, indices = list(decoded.frames), list(decoded.frames_indices)
+    temporal = int(processor.video_processor.temporal_patch_size)
+    while len(frames) % temporal:  # qwen-vl-utils' padding: repeat the last frame
+        frames.append(frames[-1])
+        indices.append(indices[-1])
+    w, h = frames[0].size
+    if any(f.size != (w, h) for f in frames):
+        raise DataError(f"sample {sample.id!r} video: its frames differ in size ({sorted({f.size for f in frames})})")
+    try:
+        new_h, new_w = smart_resize(h, w, factor=factor, min_pixels=budget.min_pixels, max_pixels=budget.max_pixels)
+    except ValueError as err:
+        raise DataError(f"sample {sample.id!r} video ({w}x{h} frames) cannot be resized for video_min_pixels="
+                        f"{budget.min_pixels}, video_max_pixels={budget.max_pixels}: {err}") from err
+    stacked = torch.stack([torch.from_numpy(np.array(f, dtype=np.uint8)).permute(2, 0, 1) for f in frames])
+    out = resize(stacked, [new_h, new_w], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    return RenderedVideo(out.contiguous(), decoded.fps, indices, decoded.total_num_frames)
+
+
+def _call_processor(processor: Any, text: str, images: list[Image.Image], videos: list[RenderedVideo]) -> Any:
+    """The processor on one prompt with its pre-resized images and videos, nothing resized or resampled again."""
+    kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt"}
+    if images:
+        kwargs.update(images=images, do_resize=False)
+    if videos:
+        kwargs.update(videos=[v.frames for v in videos], video_metadata=[v.metadata() for v in videos],
+                      do_resize=False, do_sample_frames=False)
+    return processor(**kwargs)
 
 
 def render_prompts(
@@ -174,10 +274,7 @@ def prompt_model_inputs(processor: Any, rendered: RenderedPrompt) -> dict[str, A
     Checks that the processor produced the token count and grids `render_prompt` promised, so an engine and the
     learner cannot silently disagree on image tokens.
     """
-    kwargs: dict[str, Any] = {"text": [rendered.text], "return_tensors": "pt"}
-    if rendered.images:
-        kwargs.update(images=rendered.images, do_resize=False)
-    out = dict(processor(**kwargs))
+    out = dict(_call_processor(processor, rendered.text, rendered.images, rendered.videos))
     n = int(out["input_ids"].shape[-1])
     if n != rendered.num_prompt_tokens:
         raise RuntimeError(f"prompt {rendered.id!r}: the processor gives {n} tokens, render_prompt counted "
@@ -188,4 +285,11 @@ def prompt_model_inputs(processor: Any, rendered: RenderedPrompt) -> dict[str, A
         got = out["image_grid_thw"].tolist()
         if got != expected:
             raise RuntimeError(f"prompt {rendered.id!r}: image_grid_thw {got} != expected {expected}")
+    if rendered.videos:
+        vp = processor.video_processor
+        expected = [[v.frames.shape[0] // vp.temporal_patch_size, v.size[1] // vp.patch_size, v.size[0] // vp.patch_size]
+                    for v in rendered.videos]
+        got = out["video_grid_thw"].tolist()
+        if got != expected:
+            raise RuntimeError(f"prompt {rendered.id!r}: video_grid_thw {got} != expected {expected}")
     return out

@@ -371,6 +371,9 @@ def run_eval(
     max_prompt_tokens: int = 2048,
     min_pixels: int | None = None,
     max_pixels: int | None = None,
+    video_max_pixels: int | None = None,
+    video_max_frames: int | None = None,
+    video_fps: float | None = None,
     limit: int | None = None,
     data_root: str | os.PathLike | None = None,
     out_dir: str | os.PathLike | None = None,
@@ -399,7 +402,11 @@ def run_eval(
     loaded = [load_benchmark(r, data_root=data_root, limit=limit) for r in refs]
     temperature = (0.0 if n == 1 else 1.0) if temperature is None else temperature
     sampling = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
-    processor = load_processor(model, min_pixels=min_pixels, max_pixels=max_pixels)
+    # with a video budget given, its floor is the recipe default (the checkpoint's may exceed the budget)
+    video_min_pixels = min(video_max_pixels, 3136) if video_max_pixels else None
+    processor = load_processor(model, min_pixels=min_pixels, max_pixels=max_pixels, video_min_pixels=video_min_pixels,
+                               video_max_pixels=video_max_pixels, video_max_frames=video_max_frames,
+                               video_fps=video_fps)
     family = model_family(AutoConfig.from_pretrained(model))
     if backend == "hf":
         from vlm_sapo.rollout.hf_engine import HFRolloutEngine
@@ -408,7 +415,9 @@ def run_eval(
     else:
         from vlm_sapo.rollout.vllm_engine import VLLMRolloutEngine
 
+        videos = int(any(s.video is not None for b in loaded for s in b.samples))
         engine = VLLMRolloutEngine(model, processor, dtype=dtype, max_model_len=max_prompt_tokens + max_new_tokens,
+                                   max_videos_per_prompt=videos,
                                    kv_cache_gib=kv_cache_gib, gpu_memory_utilization=gpu_memory_utilization, seed=seed)
     try:
         return evaluate(engine, processor, loaded, family=family, n=n, sampling=sampling, limit=limit,

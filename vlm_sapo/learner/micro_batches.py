@@ -2,6 +2,7 @@
 
 A batch is the dict `build_policy_inputs` makes: per-row tensors `[B, L]` (input_ids, attention_mask, completion_mask,
 mm_token_type_ids) plus the images of all rows concatenated (pixel_values `[patches, dim]`, image_grid_thw `[images, 3]`).
+Videos likewise (pixel_values_videos, video_grid_thw and, per video, second_per_grid_ts).
 Rows are sorted by length and packed greedily so each micro-batch's padded size (rows x span) stays within the budget;
 each micro-batch keeps only the columns some of its rows attend to, so short rows do not pay for long ones. A row's
 images travel with it: the row's `<|image_pad|>` count says how many of the next `image_grid_thw` entries are its own.
@@ -16,6 +17,8 @@ import torch
 # (pixel key, grid key, placeholder-token config attribute) for each visual modality Qwen-VL accepts.
 _VISUAL = (("pixel_values", "image_grid_thw", "image_token_id"),
            ("pixel_values_videos", "video_grid_thw", "video_token_id"))
+# Per-entry tensors of a grid key (one value per video: Qwen2.5-VL's seconds per temporal patch).
+_PER_GRID_ENTRY = {"second_per_grid_ts": "video_grid_thw"}
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,7 @@ def batch_layout(batch: dict, *, image_token_id: int | None, video_token_id: int
 def slice_batch(batch: dict, mb: MicroBatch, layout: BatchLayout) -> dict:
     """The micro-batch's rows and columns, with exactly its rows' images."""
     n_rows, n_cols = batch["input_ids"].shape
-    visual_keys = {k for pair in _VISUAL for k in pair[:2]}
+    visual_keys = {k for pair in _VISUAL for k in pair[:2]} | set(_PER_GRID_ENTRY)
     out: dict = {}
     for key, value in batch.items():
         if key in visual_keys or value is None:
@@ -158,4 +161,7 @@ def slice_batch(batch: dict, mb: MicroBatch, layout: BatchLayout) -> dict:
         grid = batch[grid_key]
         out[grid_key] = grid[entries]
         out[pix_key] = torch.cat([batch[pix_key][offsets[e]:offsets[e + 1]] for e in entries])
+        for key, of in _PER_GRID_ENTRY.items():
+            if of == grid_key and batch.get(key) is not None:
+                out[key] = torch.as_tensor(batch[key])[entries]
     return out

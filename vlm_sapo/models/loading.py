@@ -104,6 +104,9 @@ def load_policy(
         name, config=config, dtype=torch_dtype, attn_implementation=attn_implementation, **extra
     )
     model.to(device)
+    from vlm_sapo.models.rope import use_released_video_rope
+
+    use_released_video_rope(model)  # text after a video where the released models and vLLM put it
     if gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen embeddings and needs no `enable_input_require_grads` hack.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -118,11 +121,18 @@ def load_processor(
     min_pixels: int | None = None,
     max_pixels: int | None = None,
     trust_remote_code: bool = False,
+    video_min_pixels: int | None = None,
+    video_max_pixels: int | None = None,
+    video_max_frames: int | None = None,
+    video_fps: float | None = None,
 ):
-    """The checkpoint's processor, with the image pixel budget overridden when given.
+    """The checkpoint's processor, with the image pixel budget (and the video budget) overridden when given.
 
     The budget decides `image_grid_thw` and the number of image tokens, so the same values must reach the rollout
     engine and the learner; it is set on the image processor itself (processor-call `min_pixels` is deprecated).
+    The video budget (per-frame pixels, frames, frames per second) is set on the video processor, where
+    `vlm_sapo.data.prompts.video_budget` reads it when a video is rendered (the processor itself is always called
+    with the frames as rendered, `do_resize=False, do_sample_frames=False`).
     """
     from transformers import AutoProcessor
 
@@ -141,4 +151,16 @@ def load_processor(
         if lo is None or hi is None or not 0 < lo <= hi:
             raise ValueError(f"need 0 < min_pixels <= max_pixels, got min_pixels={lo} max_pixels={hi}")
         image_processor.size = {"shortest_edge": int(lo), "longest_edge": int(hi)}
+    video_processor = getattr(processor, "video_processor", None)
+    if video_processor is not None:
+        size = dict(video_processor.size)
+        lo = size.get("shortest_edge") if video_min_pixels is None else video_min_pixels
+        hi = size.get("longest_edge") if video_max_pixels is None else video_max_pixels
+        if lo is None or hi is None or not 0 < lo <= hi:
+            raise ValueError(f"need 0 < video_min_pixels <= video_max_pixels, got {lo} and {hi}")
+        video_processor.size = {"shortest_edge": int(lo), "longest_edge": int(hi)}
+        if video_max_frames is not None:
+            video_processor.max_frames = int(video_max_frames)
+        if video_fps is not None:
+            video_processor.fps = float(video_fps)
     return processor

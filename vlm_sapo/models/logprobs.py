@@ -8,7 +8,8 @@ where keeping them saves a matmul. Values and gradients equal the naive computat
 
 Positions: Qwen-VL uses 3-D mRoPE ids that depend on every image's grid. They are rebuilt here for the whole
 prompt + completion with the model's own `get_rope_index`, from `mm_token_type_ids` and the attention mask, so the
-learner scores exactly what the rollout engine sampled (left- or right-padded batches alike).
+learner scores exactly what the rollout engine sampled (left- or right-padded batches alike); after a video the
+text positions follow the released models and vLLM, not transformers 5.3+ (`vlm_sapo.models.rope`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+
+from vlm_sapo.models.rope import FAMILIES as ROPE_FIXED_FAMILIES
+from vlm_sapo.models.rope import continue_after_video
 
 # Inputs that belong to the vision side and are concatenated over prompts (not padded per row).
 _VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
@@ -56,6 +60,9 @@ def rope_position_ids(model: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
     position_ids, _ = backbone.get_rope_index(
         input_ids, mm_token_type_ids=types, attention_mask=inputs.get("attention_mask"), **kwargs
     )
+    if backbone.config.model_type in ROPE_FIXED_FAMILIES and bool((types == 2).any()):
+        # text after a video continues where vLLM and the released models put it (see vlm_sapo.models.rope)
+        position_ids, _ = continue_after_video(position_ids, types, inputs.get("attention_mask"))
     return position_ids
 
 

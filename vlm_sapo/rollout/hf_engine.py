@@ -25,6 +25,7 @@ import torch
 
 from vlm_sapo.data.prompts import RenderedPrompt, prompt_model_inputs
 from vlm_sapo.models.logprobs import unwrap_causal_lm
+from vlm_sapo.models.rope import use_released_video_rope
 from vlm_sapo.rollout.tokens import banned_token_ids, model_vocab_size, stop_token_ids
 from vlm_sapo.rollout.types import (
     Completion,
@@ -36,13 +37,13 @@ from vlm_sapo.rollout.types import (
 from vlm_sapo.rollout.weight_names import ParameterNames, checked_weights, parameter_names, require_complete
 
 _TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
-_VISION_KEYS = ("pixel_values", "image_grid_thw")
+_VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
 
 def collate_left(rows: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     """Left-pad single-prompt processor outputs into one batch (generate appends on the right).
 
-    Vision tensors are concatenated in row order, which is how Qwen-VL matches images to image tokens.
+    Vision tensors (images, videos) are concatenated in row order, which is how Qwen-VL matches them to their tokens.
     """
     width = max(int(r["input_ids"].shape[-1]) for r in rows)
     out: dict[str, torch.Tensor] = {}
@@ -179,6 +180,7 @@ class HFRolloutEngine:
         if max_batch_prompts is not None and max_batch_prompts < 1:
             raise ValueError(f"max_batch_prompts must be >= 1 or None, got {max_batch_prompts}")
         self.model = unwrap_causal_lm(model)
+        use_released_video_rope(self.model)  # generate() places text after a video as vLLM and the learner do
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.max_batch_prompts = max_batch_prompts

@@ -57,10 +57,27 @@ def _image_size_kwargs(processor: Any) -> dict[str, Any]:
     return {"size": {"shortest_edge": int(lo), "longest_edge": int(hi)}} if lo and hi else {}
 
 
+def _mm_processor_kwargs(processor: Any) -> dict[str, Any]:
+    """Images and videos arrive rendered (resized, frames sampled): vLLM's HF processor must change neither, or its
+    pixels, grids and video tokens would differ from the HF engine's and the learner's."""
+    return {**_image_size_kwargs(processor), "do_resize": False, "do_sample_frames": False}
+
+
+def _request(prompt: RenderedPrompt) -> dict[str, Any]:
+    """One vLLM prompt: the text, the images, and each video as (uint8 frames [T, H, W, 3], its metadata)."""
+    data: dict[str, Any] = {}
+    if prompt.images:
+        data["image"] = list(prompt.images)
+    if prompt.videos:
+        data["video"] = [(v.frames.permute(0, 2, 3, 1).contiguous().numpy(), v.metadata()) for v in prompt.videos]
+    return {"prompt": prompt.text, "multi_modal_data": data} if data else {"prompt": prompt.text}
+
+
 class VLLMRolloutEngine:
     """`RolloutEngine` on a real vLLM `LLM` built from a checkpoint folder.
 
     `processor` must be the one the trainer renders prompts with (its pixel budget is passed to vLLM).
+    `max_videos_per_prompt` 0 keeps vLLM from reserving memory for videos (it profiles the largest one at start-up).
     `dtype` "auto" means bf16 on CUDA and fp32 on CPU, like `load_policy`: vLLM's own "auto" downcasts an fp32
     checkpoint to bf16, which moved logprobs ~3e-3 away from the fp32 learner's (measured).
     CPU: the KV cache gets `kv_cache_gib`, eager mode. CUDA: `gpu_memory_utilization`, CUDA graphs unless
@@ -80,6 +97,7 @@ class VLLMRolloutEngine:
         dtype: str = "auto",
         max_model_len: int = 4096,
         max_images_per_prompt: int = 1,
+        max_videos_per_prompt: int = 0,
         gpu_memory_utilization: float = 0.5,
         kv_cache_gib: float = 1.0,
         enforce_eager: bool | None = None,
@@ -102,6 +120,7 @@ class VLLMRolloutEngine:
         self.tokenizer = processor.tokenizer
         self.max_model_len = max_model_len
         self.max_images_per_prompt = max_images_per_prompt
+        self.max_videos_per_prompt = max_videos_per_prompt
         on_gpu = current_platform.is_cuda_alike()
         self.sleep_mode = on_gpu if sleep_mode is None else sleep_mode
         if self.sleep_mode and not current_platform.is_sleep_mode_available():
@@ -114,8 +133,8 @@ class VLLMRolloutEngine:
             "max_model_len": max_model_len,
             "seed": seed,
             "enforce_eager": (not on_gpu) if enforce_eager is None else enforce_eager,
-            "limit_mm_per_prompt": {"image": max_images_per_prompt, "video": 0},
-            "mm_processor_kwargs": _image_size_kwargs(processor),
+            "limit_mm_per_prompt": {"image": max_images_per_prompt, "video": max_videos_per_prompt},
+            "mm_processor_kwargs": _mm_processor_kwargs(processor),
             "distributed_executor_backend": "uni",
             "logprobs_mode": "raw_logprobs",
             "disable_log_stats": False,  # per-request timestamps (RequestOutput.metrics) for finish_s
@@ -193,9 +212,10 @@ class VLLMRolloutEngine:
 
     def _check_prompts(self, prompts: Sequence[RenderedPrompt], sampling: SamplingConfig) -> None:
         for p in prompts:
-            if len(p.images) > self.max_images_per_prompt:
-                raise ValueError(f"prompt {p.id!r} has {len(p.images)} images; this engine was started with "
-                                 f"max_images_per_prompt={self.max_images_per_prompt}")
+            if len(p.images) > self.max_images_per_prompt or len(p.videos) > self.max_videos_per_prompt:
+                raise ValueError(f"prompt {p.id!r} has {len(p.images)} images and {len(p.videos)} videos; this engine "
+                                 f"was started with max_images_per_prompt={self.max_images_per_prompt}, "
+                                 f"max_videos_per_prompt={self.max_videos_per_prompt}")
             if p.num_prompt_tokens + sampling.max_new_tokens > self.max_model_len:
                 raise ValueError(f"prompt {p.id!r}: {p.num_prompt_tokens} prompt tokens + max_new_tokens "
                                  f"{sampling.max_new_tokens} exceed max_model_len {self.max_model_len}")
@@ -225,10 +245,7 @@ class VLLMRolloutEngine:
             raise ValueError(f"n (samples per prompt) must be >= 1, got {n}")
         self._check_prompts(prompts, sampling)
         self._set_logit_temperature(sampling.logprob_temperature)
-        requests = [
-            {"prompt": p.text, "multi_modal_data": {"image": list(p.images)}} if p.images else {"prompt": p.text}
-            for p in prompts
-        ]
+        requests = [_request(p) for p in prompts]
         # vLLM refuses n > 1 when greedy: then each prompt goes in n times with n = 1 (identical samples).
         copies = n if sampling.greedy else 1
         requests = [r for r in requests for _ in range(copies)]

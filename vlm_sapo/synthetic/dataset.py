@@ -14,7 +14,14 @@ import random
 from dataclasses import asdict
 from pathlib import Path
 
-from vlm_sapo.synthetic.tasks import FAMILIES, GENERATORS, SyntheticConfig, SyntheticItem, answer_classes
+from vlm_sapo.synthetic.tasks import (
+    FAMILIES,
+    GENERATORS,
+    VIDEO_GENERATORS,
+    SyntheticConfig,
+    SyntheticItem,
+    answer_classes,
+)
 from vlm_sapo.tasks.answers import answer_key
 
 SPLITS = ("train", "val", "test")
@@ -25,8 +32,9 @@ def generate_split_items(family: str, counts: dict[str, int], *, seed: int = 0,
                          config: SyntheticConfig | None = None) -> dict[str, list[SyntheticItem]]:
     """`counts[split]` distinct scenes per split, test first, then val, then train (so growing the train split never
     changes the test split)."""
-    if family not in GENERATORS:
-        raise ValueError(f"unknown synthetic family {family!r} (known: {', '.join(FAMILIES)})")
+    if family not in GENERATORS and family not in VIDEO_GENERATORS:
+        known = ", ".join([*FAMILIES, *VIDEO_GENERATORS])
+        raise ValueError(f"unknown synthetic family {family!r} (known: {known})")
     cfg = config or SyntheticConfig()
     rng = random.Random(f"vlm_sapo-synthetic-{family}-{seed}")
     seen: set[tuple] = set()
@@ -42,7 +50,8 @@ def generate_split_items(family: str, counts: dict[str, int], *, seed: int = 0,
         for want in wanted:
             misses = 0
             while True:
-                item = GENERATORS[family](rng, cfg)
+                item = (VIDEO_GENERATORS[family](rng, cfg, len(items)) if family in VIDEO_GENERATORS
+                        else GENERATORS[family](rng, cfg))
                 if item.key not in seen and (want is None or answer_key(item.answer) == want):
                     break
                 misses += 1
@@ -59,8 +68,9 @@ def generate_split_items(family: str, counts: dict[str, int], *, seed: int = 0,
 def make_synthetic_data(out_dir: str | Path, *, seed: int = 0, n_train: int = 1000, n_val: int = 64,
                         n_test: int = 200, families: tuple[str, ...] = FAMILIES,
                         config: SyntheticConfig | None = None) -> dict[str, dict[str, Path]]:
-    """Write every family's splits; returns {family: {split: jsonl path}}. Rows: id, image (relative path),
-    question, answer, and meta columns (question_kind, ...; grounding adds phrase, image_width, image_height)."""
+    """Write every family's splits; returns {family: {split: jsonl path}}. Rows: id, image (relative path; a video
+    family: video, the list of its frames' paths), question, answer, and meta columns (question_kind, ...; grounding
+    adds phrase, image_width, image_height; motion start, step, frames)."""
     cfg = config or SyntheticConfig()
     out = Path(out_dir)
     counts = {"train": n_train, "val": n_val, "test": n_test}
@@ -75,9 +85,14 @@ def make_synthetic_data(out_dir: str | Path, *, seed: int = 0, n_train: int = 10
             lines = []
             for i, item in enumerate(split_items[split]):
                 row_id = f"{family}-{split}-{i:05d}"
-                rel = f"images/{split}/{row_id}.png"
-                item.image.save(fam_dir / rel, format="PNG", optimize=False)
-                row = {"id": row_id, "image": rel, "question": item.question, "answer": item.answer, **item.meta}
+                row = {"id": row_id, "question": item.question, "answer": item.answer, **item.meta}
+                if item.frames:  # a video: its frames as PNGs, listed in order
+                    row["video"] = [f"images/{split}/{row_id}-{k}.png" for k in range(len(item.frames))]
+                    for rel, frame in zip(row["video"], item.frames):
+                        frame.save(fam_dir / rel, format="PNG", optimize=False)
+                else:
+                    row["image"] = f"images/{split}/{row_id}.png"
+                    item.image.save(fam_dir / row["image"], format="PNG", optimize=False)
                 if cfg.instruction:
                     row["instruction"] = cfg.instruction
                 lines.append(json.dumps(row, sort_keys=True))

@@ -1,5 +1,5 @@
-"""Three synthetic task families with exact answers, one generator each: counting arithmetic (math), bar charts (chart)
-and finding a described shape (grounding).
+"""Synthetic task families with exact answers, one generator each: counting arithmetic (math), bar charts (chart),
+finding a described shape (grounding), and one video family: which way a shape moves (motion, `synthetic.motion`).
 
 Each generator draws one scene from a `random.Random` and returns a `SyntheticItem`; its `key` names the scene up to
 pixel jitter, so that train, validation and test splits can be kept disjoint by content, not just by row. Difficulty is
@@ -15,6 +15,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from vlm_sapo.synthetic.motion import make_motion
 from vlm_sapo.synthetic.shapes import BACKGROUND, COLOURS, SHAPES, Shape, draw_shapes, shape_in_cell
 from vlm_sapo.tasks.answers import answer_key
 
@@ -50,6 +51,9 @@ class SyntheticConfig:
     # cells apart (measured: it never located even a lone shape in 400 supervised steps).
     grounding_shades: tuple[tuple[int, int, int], ...] = ((255, 255, 255), (200, 200, 200), (145, 145, 145),
                                                           (90, 90, 90))
+    motion_side: int = 56  # pixels of each motion frame
+    motion_frames: int = 4  # frames per motion video
+    motion_step: tuple[int, int] = (4, 8)  # pixels the shape moves from one frame to the next (drawn per video)
     # Written as each row's `instruction` column (see `Task.instruction`): a short format instruction keeps the prompt
     # mostly image, which is what lets a tiny model learn to look (measured: steps twice as fast, see demo.py).
     instruction: str | None = "Think in <think> </think>, answer in <answer> </answer>."
@@ -76,6 +80,11 @@ class SyntheticConfig:
         lo_n, hi_n = self.grounding_objects
         if not 1 <= lo_n <= hi_n <= self.grid * self.grid:
             raise ValueError(f"grounding_objects {self.grounding_objects} must lie in 1..{self.grid * self.grid}")
+        lo_s, hi_s = self.motion_step
+        travel = hi_s * (self.motion_frames - 1)
+        if self.motion_frames < 2 or not 1 <= lo_s <= hi_s or max(self.shape_sizes.values()) + travel > self.motion_side:
+            raise ValueError(f"motion: {self.motion_frames} frames at up to {hi_s} pixels a frame do not fit a "
+                             f"{self.motion_side}-pixel frame (need >= 2 frames, 1 <= step low <= step high)")
 
     @property
     def cell(self) -> int:
@@ -83,7 +92,8 @@ class SyntheticConfig:
 
     def side(self, family: str) -> int:
         """The square image's side in pixels for `family`."""
-        return {"math": self.math_grid * CELL, "chart": self.chart_side, "grounding": self.grid * CELL}[family]
+        return {"math": self.math_grid * CELL, "chart": self.chart_side, "grounding": self.grid * CELL,
+                "motion": self.motion_side}[family]
 
     @property
     def shape_sizes(self) -> dict[str, int]:
@@ -97,9 +107,10 @@ class SyntheticConfig:
 class SyntheticItem:
     image: Image.Image
     question: str
-    answer: Any  # str for math and chart; [x1, y1, x2, y2] pixels (x2, y2 exclusive) for grounding
+    answer: Any  # str for math, chart and motion; [x1, y1, x2, y2] pixels (x2, y2 exclusive) for grounding
     meta: dict[str, Any] = field(default_factory=dict)
     key: tuple = ()
+    frames: list[Image.Image] = field(default_factory=list)  # a video family's frames (then `image` is frame 0)
 
 
 # ------------------------------------------------------------------------------------------------------------- math
@@ -227,6 +238,10 @@ def make_grounding(rng: random.Random, cfg: SyntheticConfig) -> SyntheticItem:
 
 
 GENERATORS = {"math": make_math, "chart": make_chart, "grounding": make_grounding}
+# Video families: `generator(rng, cfg, slot)`, where `slot` is the index of the scene in its split (for balance).
+VIDEO_GENERATORS = {"motion": make_motion}
+VIDEO_FAMILIES = tuple(VIDEO_GENERATORS)
+ALL_FAMILIES = FAMILIES + VIDEO_FAMILIES
 
 
 def answer_classes(family: str, cfg: SyntheticConfig) -> list[str] | None:

@@ -180,6 +180,9 @@ class RewardFnCfg(Strict):
     weight: float = 1.0
     tasks: list[str] | None = None  # only samples of these tasks; None: every task
     kwargs: dict[str, Any] = {}
+    # prefix of its logged scores (reward/<task>/<label>/...); default: the reward's name or file stem. Two entries
+    # of the same reward (e.g. with different kwargs) need distinct labels.
+    label: str | None = Field(None, pattern=r"^[^/\s]+$")
 
 
 class RewardsCfg(Strict):

@@ -213,7 +213,7 @@ class LoggingCfg(Strict):
 class CheckpointCfg(Strict):
     every_steps: NonNegativeInt = 50  # 0: never
     keep_last: PositiveInt = 2
-    resume: str = "auto"  # auto | never | a checkpoint folder
+    resume: str = "auto"  # auto | never | force (auto, even under a changed recipe) | a checkpoint folder
     export_hf: bool = True
 
 

@@ -64,6 +64,7 @@ from vlm_sapo.metrics_log import MetricsLog, read_metrics
 from vlm_sapo.models.loading import load_policy, load_processor, model_family
 from vlm_sapo.models.logprobs import build_policy_inputs
 from vlm_sapo.recipe import Recipe, dump_recipe
+from vlm_sapo.resume_guard import FORCE, ResumeRefused, check_resume
 from vlm_sapo.reward_pool import RewardPool, RewardSpec, ScoreResult
 from vlm_sapo.rollout import RolloutEngineError, Rollouts, SamplingConfig
 from vlm_sapo.tasks import coord_system_for_family, default_reward_specs, get_task
@@ -168,6 +169,9 @@ class Trainer:
         _seed_everything(r.seed + self.rank)
         self.run_dir = Path(r.logging.dir.format(name=r.name))
         self.ckpt_root = self.run_dir / "checkpoints"
+        resume = resume if resume is not None else r.checkpoint.resume
+        self.forced_resume = resume == FORCE
+        ckpt = self._resume_point(resume)  # refused here, before anything is built, if the recipe changed
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "recipe.yaml").write_text(dump_recipe(r))
 
@@ -216,12 +220,6 @@ class Trainer:
         self.step = 0
         self.dropped_prompts = 0
         self.render_skipped = 0  # rows whose prompt could not be rendered (data.on_bad_row=skip)
-        resume = resume if resume is not None else r.checkpoint.resume
-        ckpt = None
-        if resume == "auto":
-            ckpt = latest_valid_checkpoint(self.ckpt_root)
-        elif resume != "never":
-            ckpt = Path(resume)
         if ckpt is not None:
             state = load_checkpoint(self.learner, ckpt)
             self.step = int(state["step"])
@@ -237,6 +235,19 @@ class Trainer:
             self._restore_metrics_line(state.get("metrics_line"))
 
     # ------------------------------------------------------------------------------------------------ set-up helpers
+    def _resume_point(self, resume: str) -> Path | None:
+        """The checkpoint to resume (`auto`/`force`: the newest valid one; `never`: none; else that folder), refused
+        when it was written under a recipe that differs outside `resume_guard.RESUMABLE_CHANGES`."""
+        if resume == "never":
+            return None
+        ckpt = latest_valid_checkpoint(self.ckpt_root) if resume in ("auto", FORCE) else Path(resume)
+        if ckpt is not None:
+            try:
+                check_resume(ckpt, self.recipe.model_dump(mode="json"), force=self.forced_resume)
+            except ResumeRefused as e:
+                raise TrainingError(str(e)) from None
+        return ckpt
+
     def _restore_metrics_line(self, line: dict[str, Any] | None) -> None:
         """A run stopped between a checkpoint and its metrics line would leave that step out of metrics.jsonl for
         good; the checkpoint carries a copy of the line (without its own `time/checkpoint`)."""
@@ -523,7 +534,7 @@ class Trainer:
             save_checkpoint(self.learner, self.ckpt_root, self.step,
                             {"step": self.step, "sampler": self.sampler.state_dict(),
                              "dropped_prompts": self.dropped_prompts, "render_skipped": self.render_skipped,
-                             "recipe": self.recipe.name, "metrics_line": line},
+                             "recipe": self.recipe.model_dump(mode="json"), "metrics_line": line},
                             keep_last=self.recipe.checkpoint.keep_last)
         except Exception as e:
             raise TrainingError(
@@ -559,6 +570,8 @@ class Trainer:
             for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
                 os.environ.pop(var, None)
         argv = [sys.executable, "-m", "vlm_sapo.cli", "train", str(self.run_dir / "recipe.yaml"), "--resume"]
+        if self.forced_resume:  # the newest checkpoint may still be one written under the recipe before the force
+            argv.append(FORCE)
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -30,7 +30,11 @@ Faults (tests/reliability proves each one):
   the checkpoint but before the metrics line),
   `nan_loss:<step>` (NaN advantages: the learner's non-finite guard must skip the update) and `engine_death:<step>`
   (vLLM: the model's forward raises inside the engine from then on). Each fires once per process tree: it is removed
-  from the environment when it fires, so a restarted process does not repeat it.
+  from the environment when it fires, so a restarted process does not repeat it. `<fault>:<step>@<rank>` fires on
+  that rank only; under torchrun a restarted attempt (`TORCHELASTIC_RESTART_COUNT` > 0) fires none, since the
+  launcher restarts from its own, unchanged environment.
+- `VLM_SAPO_WEIGHT_DIGEST=1` (tests, debugging): every rank appends the sha256 of its full weights after each step to
+  `<run>/weight_digests/rank_<r>.jsonl` (`vlm_sapo.weight_digest`), to check that data-parallel ranks stay equal.
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ from vlm_sapo.resume_guard import FORCE, ResumeRefused, check_resume
 from vlm_sapo.reward_pool import RewardPool, RewardSpec, ScoreResult
 from vlm_sapo.rollout import RolloutEngineError, Rollouts, SamplingConfig
 from vlm_sapo.tasks import coord_system_for_family, default_reward_specs, get_task
+from vlm_sapo.weight_digest import DIGEST_ENV, record_weight_digest
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +133,15 @@ def _seed_everything(seed: int) -> None:
 def _fault_due(name: str, step: int) -> bool:
     """True once when `VLM_SAPO_FAULT` asks for fault `name` at `step` (see the module docstring); tests only."""
     entries = [e.strip() for e in os.environ.get(FAULT_ENV, "").split(",") if e.strip()]
-    if f"{name}:{step}" not in entries:
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
         return False
-    entries.remove(f"{name}:{step}")
-    os.environ[FAULT_ENV] = ",".join(entries)
-    log.warning("%s: injecting fault %s:%d", FAULT_ENV, name, step)
-    return True
+    for key in (f"{name}:{step}", f"{name}:{step}@{os.environ.get('RANK', '0')}"):
+        if key in entries:
+            entries.remove(key)
+            os.environ[FAULT_ENV] = ",".join(entries)
+            log.warning("%s: injecting fault %s", FAULT_ENV, key)
+            return True
+    return False
 
 
 def _sigkill_self() -> None:
@@ -212,6 +220,7 @@ class Trainer:
             lora_dropout=r.model.lora.dropout if r.model.lora else 0.0,
             lora_target_modules=r.model.lora.target_modules if r.model.lora else None,
             temperature=r.rollout.temperature, logprob_chunk_size=r.learner.logprob_chunk_size,
+            kl_reference=r.algorithm.kl_coef > 0,
         )
         self.engine, self.engine_shares_weights = self._build_engine()
         self.sampling = SamplingConfig(temperature=r.rollout.temperature, top_p=r.rollout.top_p, top_k=r.rollout.top_k,
@@ -413,20 +422,31 @@ class Trainer:
         k = min(r.algorithm.mini_batches, len(order))
         minis = [order[i::k] for i in range(k)]
 
+        if r.rollout.sleep_between_steps:  # the engine's memory goes to the learner until the weight sync
+            t0 = time.perf_counter()
+            self.engine.sleep()
+            timer["engine_sleep"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         prepared = []
         on_policy = k == 1 and r.algorithm.tis_cap is None  # pi_old is the policy the one update starts from
+        kl_coef = r.algorithm.kl_coef
         for rows in minis:  # every mini-batch's old logprobs before the first update: pi_old is this step's policy
             batch, rollout_logp = self._policy_batch(scored, sorted(rows))
             old_logp = None if on_policy else self.learner.compute_logprobs(batch)
-            prepared.append((batch, rollout_logp, old_logp, adv[sorted(rows)]))
-        timer["old_logprobs"] = time.perf_counter() - t0
+            ref_logp = None
+            if kl_coef > 0:  # the initial weights' logprobs, for the KL term
+                t_ref = time.perf_counter()
+                ref_logp = self.learner.compute_ref_logprobs(batch)
+                timer["ref_logprobs"] = timer.get("ref_logprobs", 0.0) + time.perf_counter() - t_ref
+            prepared.append((batch, rollout_logp, old_logp, ref_logp, adv[sorted(rows)]))
+        timer["old_logprobs"] = time.perf_counter() - t0 - timer.get("ref_logprobs", 0.0)
 
         t0 = time.perf_counter()
         updates = []
-        for batch, rollout_logp, old_logp, a in prepared:
+        for batch, rollout_logp, old_logp, ref_logp, a in prepared:
             m = self.learner.update(batch, old_logp, a, r.algorithm.loss.name, self.loss_hparams,
-                                    rollout_logp=rollout_logp, tis_cap=r.algorithm.tis_cap)
+                                    rollout_logp=rollout_logp, tis_cap=r.algorithm.tis_cap, kl_coef=kl_coef,
+                                    ref_logp=ref_logp, kl_estimator=r.algorithm.kl_estimator)
             updates.append(m)
             if _fault_due("kill_at:update", self.step + 1):
                 _sigkill_self()
@@ -436,8 +456,12 @@ class Trainer:
                                     f"a row (learner.max_nonfinite_in_a_row); batch sample ids: {ids}")
         timer["update"] = time.perf_counter() - t0
 
+        if r.rollout.sleep_between_steps:
+            t0 = time.perf_counter()
+            self.engine.wake()
+            timer["engine_wake"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        self._sync_weights()
+        self._sync_weights()  # after the wake: a sleeping engine has no weights to load into
         timer["weight_sync"] = time.perf_counter() - t0
 
         for key in updates[0]:
@@ -502,6 +526,8 @@ class Trainer:
                     break
                 if _restart_state()[0] and self.step > _restart_state()[1]:
                     os.environ.pop(RESTARTS_ENV, None)  # progress past the last engine death
+                if os.environ.get(DIGEST_ENV):
+                    record_weight_digest(self.learner, self.run_dir, self.step, self.rank)
                 record = {"batch_ids": batch_ids}
                 if r.checkpoint.every_steps and (self.step % r.checkpoint.every_steps == 0 or last):
                     t0 = time.perf_counter()

@@ -253,7 +253,7 @@ class HFRolloutEngine:
         return Rollouts(completions, n, timing, self.name, self.weight_version, sampling)
 
     def _generate_chunk(
-        self, per_prompt: list[dict[str, Any]], ids: list[str], first_index: int, n: int, sampling: SamplingConfig,
+        self, per_prompt: list[dict[str, Any]], sample_ids: list[str], first_index: int, n: int, sampling: SamplingConfig,
         t0: float,
     ) -> tuple[list[Completion], int]:
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
@@ -296,7 +296,7 @@ class HFRolloutEngine:
                 )
         except Exception as err:
             raise RolloutEngineError(f"{self.label}: generate failed on prompts "
-                                     f"{ids[:8]}: {type(err).__name__}: {err}") from err
+                                     f"{sample_ids[:8]}: {type(err).__name__}: {err}") from err
         finally:
             self.model.generation_config = saved_config
             self.model.train(was_training)
@@ -320,12 +320,12 @@ class HFRolloutEngine:
                 reason = "stop"
             lp = logprobs[r, :end].contiguous()
             if not torch.isfinite(lp).all():
-                raise RolloutEngineError(f"{self.label}: non-finite logprob in sample {ids[p]!r} "
+                raise RolloutEngineError(f"{self.label}: non-finite logprob in sample {sample_ids[p]!r} "
                                          "(NaN/inf weights or logits?)")
             completions.append(Completion(
                 prompt_index=first_index + p,
                 sample_index=k,
-                sample_id=ids[p],
+                sample_id=sample_ids[p],
                 prompt_ids=per_prompt[p]["input_ids"][0].tolist(),
                 completion_ids=ids[:end],
                 logprobs=lp,

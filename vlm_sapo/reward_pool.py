@@ -379,8 +379,9 @@ class RewardPool:
                 + ", ".join(f"[{i}] `{s.name}`" for i, (s, r) in enumerate(zip(self.specs, self.rewards))
                             if r.label == label)
                 for label, n in labels.items() if n > 1)
-            raise RewardError(f"two rewards share a label ({clashes}); labels in use: {sorted(labels)}. Give all but "
-                              f"one a distinct `label` (in a recipe: rewards.functions[i].label)")
+            dup = sorted(label for label, n in labels.items() if n > 1)
+            raise RewardError(f"rewards share the label(s) {dup} ({clashes}); labels in use: {sorted(labels)}. Give "
+                              f"all but one a distinct `label` (in a recipe: rewards.functions[i].label)")
         self.timeout_s = float(timeout_s)
         self.start_timeout_s = float(start_timeout_s)
         self.memory_limit_mb = memory_limit_mb

@@ -163,9 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a policy with RL from a recipe")
     p.add_argument("recipe", help="path to a YAML recipe")
     p.add_argument("overrides", nargs="*", metavar="a.b.c=value", help="typed overrides")
-    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                   help="continue from the newest valid checkpoint of the run (or the one given); "
-                        "default: the recipe's checkpoint.resume")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT|force",
+                   help="continue from the newest valid checkpoint of the run (or the one given); a checkpoint "
+                        "written under a different recipe is refused (see vlm_sapo.resume_guard) unless `--resume "
+                        "force`; default: the recipe's checkpoint.resume")
     p.set_defaults(fn=_train)
 
     p = sub.add_parser("init-tiny", help="build a tiny random Qwen-VL model folder offline (for tests and the demo)")

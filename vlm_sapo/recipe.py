@@ -76,18 +76,23 @@ class ModelCfg(Strict):
 
 
 class DataSourceCfg(Strict):
+    """A validation source (`data.val[i]`); training sources add their mixing weight."""
+
     path: str = Field(description="JSON lines, Parquet, a datasets folder, or a benchmark name")
     task: str = Field(description="task name (math, grounding, chart, or a registered one)")
-    weight: PositiveFloat = 1.0  # share of this source in each batch when tasks are mixed
     split: str | None = None
     columns: dict[str, str] = {}  # project field -> column in the source
     image_root: str | None = None
     limit: PositiveInt | None = None
 
 
+class TrainSourceCfg(DataSourceCfg):
+    weight: PositiveFloat = 1.0  # share of this source in each batch when tasks are mixed
+
+
 class DataCfg(Strict):
-    train: list[DataSourceCfg] = Field(min_length=1)
-    val: list[DataSourceCfg] = []
+    train: list[TrainSourceCfg] = Field(min_length=1)
+    val: list[DataSourceCfg] = []  # no `weight`: validation sources are not mixed, each is scored whole
     prompts_per_step: PositiveInt = 8
     max_prompt_tokens: PositiveInt = 2048
     on_bad_row: Literal["fail", "skip"] = "fail"
@@ -226,6 +231,9 @@ class RewardFnCfg(Strict):
     weight: float = 1.0
     tasks: list[str] | None = None  # only samples of these tasks; None: every task
     kwargs: dict[str, Any] = {}
+    # prefix of its logged scores (reward/<task>/<label>/...); default: the reward's name or file stem. Two entries
+    # of the same reward (e.g. with different kwargs) need distinct labels.
+    label: str | None = Field(None, pattern=r"^[^/\s]+$")
 
 
 class RewardsCfg(Strict):
@@ -256,7 +264,7 @@ class LoggingCfg(Strict):
 class CheckpointCfg(Strict):
     every_steps: NonNegativeInt = 50  # 0: never
     keep_last: PositiveInt = 2
-    resume: str = "auto"  # auto | never | a checkpoint folder
+    resume: str = "auto"  # auto | never | force (auto, even under a changed recipe) | a checkpoint folder
     export_hf: bool = True
 
 

@@ -375,8 +375,14 @@ class RewardPool:
         self.rewards = [load_reward(s) for s in self.specs]  # fail here, in the trainer, with the clear message
         labels = Counter(r.label for r in self.rewards)
         if any(n > 1 for n in labels.values()):
-            dup = [label for label, n in labels.items() if n > 1]
-            raise RewardError(f"two rewards share the label(s) {dup}: give one a `label`")
+            clashes = "; ".join(
+                f"label {label!r} is taken by entries "
+                + ", ".join(f"[{i}] `{s.name}`" for i, (s, r) in enumerate(zip(self.specs, self.rewards))
+                            if r.label == label)
+                for label, n in labels.items() if n > 1)
+            dup = sorted(label for label, n in labels.items() if n > 1)
+            raise RewardError(f"rewards share the label(s) {dup} ({clashes}); labels in use: {sorted(labels)}. Give "
+                              f"all but one a distinct `label` (in a recipe: rewards.functions[i].label)")
         self.timeout_s = float(timeout_s)
         self.start_timeout_s = float(start_timeout_s)
         self.memory_limit_mb = memory_limit_mb

@@ -30,7 +30,11 @@ Faults (tests/reliability proves each one):
   the checkpoint but before the metrics line),
   `nan_loss:<step>` (NaN advantages: the learner's non-finite guard must skip the update) and `engine_death:<step>`
   (vLLM: the model's forward raises inside the engine from then on). Each fires once per process tree: it is removed
-  from the environment when it fires, so a restarted process does not repeat it.
+  from the environment when it fires, so a restarted process does not repeat it. `<fault>:<step>@<rank>` fires on
+  that rank only; under torchrun a restarted attempt (`TORCHELASTIC_RESTART_COUNT` > 0) fires none, since the
+  launcher restarts from its own, unchanged environment.
+- `VLM_SAPO_WEIGHT_DIGEST=1` (tests, debugging): every rank appends the sha256 of its full weights after each step to
+  `<run>/weight_digests/rank_<r>.jsonl` (`vlm_sapo.weight_digest`), to check that data-parallel ranks stay equal.
 """
 
 from __future__ import annotations
@@ -64,11 +68,13 @@ from vlm_sapo.metrics_log import MetricsLog, read_metrics
 from vlm_sapo.models.loading import load_policy, load_processor, model_family
 from vlm_sapo.models.logprobs import build_policy_inputs
 from vlm_sapo.recipe import Recipe, dump_recipe
+from vlm_sapo.resume_guard import FORCE, ResumeRefused, check_resume
 from vlm_sapo.reward_pool import RewardPool, RewardSpec, ScoreResult
 from vlm_sapo.reward_signal import RewardSignal, reward_signal
 from vlm_sapo.rollout import RolloutEngineError, Rollouts, SamplingConfig
 from vlm_sapo.tasks import coord_system_for_family, default_reward_specs, get_task
 from vlm_sapo.tasks.answers import AnswerSpread, answer_spread, parse_answers, warn_if_collapsed
+from vlm_sapo.weight_digest import DIGEST_ENV, record_weight_digest
 
 log = logging.getLogger(__name__)
 
@@ -129,12 +135,15 @@ def _seed_everything(seed: int) -> None:
 def _fault_due(name: str, step: int) -> bool:
     """True once when `VLM_SAPO_FAULT` asks for fault `name` at `step` (see the module docstring); tests only."""
     entries = [e.strip() for e in os.environ.get(FAULT_ENV, "").split(",") if e.strip()]
-    if f"{name}:{step}" not in entries:
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
         return False
-    entries.remove(f"{name}:{step}")
-    os.environ[FAULT_ENV] = ",".join(entries)
-    log.warning("%s: injecting fault %s:%d", FAULT_ENV, name, step)
-    return True
+    for key in (f"{name}:{step}", f"{name}:{step}@{os.environ.get('RANK', '0')}"):
+        if key in entries:
+            entries.remove(key)
+            os.environ[FAULT_ENV] = ",".join(entries)
+            log.warning("%s: injecting fault %s", FAULT_ENV, key)
+            return True
+    return False
 
 
 def _sigkill_self() -> None:
@@ -170,6 +179,9 @@ class Trainer:
         _seed_everything(r.seed + self.rank)
         self.run_dir = Path(r.logging.dir.format(name=r.name))
         self.ckpt_root = self.run_dir / "checkpoints"
+        resume = resume if resume is not None else r.checkpoint.resume
+        self.forced_resume = resume == FORCE
+        ckpt = self._resume_point(resume)  # refused here, before anything is built, if the recipe changed
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "recipe.yaml").write_text(dump_recipe(r))
 
@@ -213,6 +225,7 @@ class Trainer:
             lora_dropout=r.model.lora.dropout if r.model.lora else 0.0,
             lora_target_modules=r.model.lora.target_modules if r.model.lora else None,
             temperature=r.rollout.temperature, logprob_chunk_size=r.learner.logprob_chunk_size,
+            kl_reference=r.algorithm.kl_coef > 0,
         )
         self.engine, self.engine_shares_weights = self._build_engine()
         self.sampling = SamplingConfig(temperature=r.rollout.temperature, top_p=r.rollout.top_p, top_k=r.rollout.top_k,
@@ -222,12 +235,6 @@ class Trainer:
         self.collapsed_tasks: set[str] = set()  # tasks whose training answers were collapsed at the last step
         self.dropped_prompts = 0
         self.render_skipped = 0  # rows whose prompt could not be rendered (data.on_bad_row=skip)
-        resume = resume if resume is not None else r.checkpoint.resume
-        ckpt = None
-        if resume == "auto":
-            ckpt = latest_valid_checkpoint(self.ckpt_root)
-        elif resume != "never":
-            ckpt = Path(resume)
         if ckpt is not None:
             state = load_checkpoint(self.learner, ckpt)
             self.step = int(state["step"])
@@ -243,6 +250,19 @@ class Trainer:
             self._restore_metrics_line(state.get("metrics_line"))
 
     # ------------------------------------------------------------------------------------------------ set-up helpers
+    def _resume_point(self, resume: str) -> Path | None:
+        """The checkpoint to resume (`auto`/`force`: the newest valid one; `never`: none; else that folder), refused
+        when it was written under a recipe that differs outside `resume_guard.RESUMABLE_CHANGES`."""
+        if resume == "never":
+            return None
+        ckpt = latest_valid_checkpoint(self.ckpt_root) if resume in ("auto", FORCE) else Path(resume)
+        if ckpt is not None:
+            try:
+                check_resume(ckpt, self.recipe.model_dump(mode="json"), force=self.forced_resume)
+            except ResumeRefused as e:
+                raise TrainingError(str(e)) from None
+        return ckpt
+
     def _restore_metrics_line(self, line: dict[str, Any] | None) -> None:
         """A run stopped between a checkpoint and its metrics line would leave that step out of metrics.jsonl for
         good; the checkpoint carries a copy of the line (without its own `time/checkpoint`)."""
@@ -442,20 +462,31 @@ class Trainer:
         k = min(r.algorithm.mini_batches, len(order))
         minis = [order[i::k] for i in range(k)]
 
+        if r.rollout.sleep_between_steps:  # the engine's memory goes to the learner until the weight sync
+            t0 = time.perf_counter()
+            self.engine.sleep()
+            timer["engine_sleep"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         prepared = []
         on_policy = k == 1 and r.algorithm.tis_cap is None  # pi_old is the policy the one update starts from
+        kl_coef = r.algorithm.kl_coef
         for rows in minis:  # every mini-batch's old logprobs before the first update: pi_old is this step's policy
             batch, rollout_logp = self._policy_batch(scored, sorted(rows))
             old_logp = None if on_policy else self.learner.compute_logprobs(batch)
-            prepared.append((batch, rollout_logp, old_logp, adv[sorted(rows)]))
-        timer["old_logprobs"] = time.perf_counter() - t0
+            ref_logp = None
+            if kl_coef > 0:  # the initial weights' logprobs, for the KL term
+                t_ref = time.perf_counter()
+                ref_logp = self.learner.compute_ref_logprobs(batch)
+                timer["ref_logprobs"] = timer.get("ref_logprobs", 0.0) + time.perf_counter() - t_ref
+            prepared.append((batch, rollout_logp, old_logp, ref_logp, adv[sorted(rows)]))
+        timer["old_logprobs"] = time.perf_counter() - t0 - timer.get("ref_logprobs", 0.0)
 
         t0 = time.perf_counter()
         updates = []
-        for batch, rollout_logp, old_logp, a in prepared:
+        for batch, rollout_logp, old_logp, ref_logp, a in prepared:
             m = self.learner.update(batch, old_logp, a, r.algorithm.loss.name, self.loss_hparams,
-                                    rollout_logp=rollout_logp, tis_cap=r.algorithm.tis_cap)
+                                    rollout_logp=rollout_logp, tis_cap=r.algorithm.tis_cap, kl_coef=kl_coef,
+                                    ref_logp=ref_logp, kl_estimator=r.algorithm.kl_estimator)
             updates.append(m)
             if _fault_due("kill_at:update", self.step + 1):
                 _sigkill_self()
@@ -465,8 +496,12 @@ class Trainer:
                                     f"a row (learner.max_nonfinite_in_a_row); batch sample ids: {ids}")
         timer["update"] = time.perf_counter() - t0
 
+        if r.rollout.sleep_between_steps:
+            t0 = time.perf_counter()
+            self.engine.wake()
+            timer["engine_wake"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        self._sync_weights()
+        self._sync_weights()  # after the wake: a sleeping engine has no weights to load into
         timer["weight_sync"] = time.perf_counter() - t0
 
         for key in updates[0]:
@@ -534,6 +569,8 @@ class Trainer:
                     break
                 if _restart_state()[0] and self.step > _restart_state()[1]:
                     os.environ.pop(RESTARTS_ENV, None)  # progress past the last engine death
+                if os.environ.get(DIGEST_ENV):
+                    record_weight_digest(self.learner, self.run_dir, self.step, self.rank)
                 record = {"batch_ids": batch_ids}
                 if r.checkpoint.every_steps and (self.step % r.checkpoint.every_steps == 0 or last):
                     t0 = time.perf_counter()
@@ -566,7 +603,7 @@ class Trainer:
             save_checkpoint(self.learner, self.ckpt_root, self.step,
                             {"step": self.step, "sampler": self.sampler.state_dict(),
                              "dropped_prompts": self.dropped_prompts, "render_skipped": self.render_skipped,
-                             "recipe": self.recipe.name, "metrics_line": line},
+                             "recipe": self.recipe.model_dump(mode="json"), "metrics_line": line},
                             keep_last=self.recipe.checkpoint.keep_last)
         except Exception as e:
             raise TrainingError(
@@ -602,6 +639,8 @@ class Trainer:
             for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
                 os.environ.pop(var, None)
         argv = [sys.executable, "-m", "vlm_sapo.cli", "train", str(self.run_dir / "recipe.yaml"), "--resume"]
+        if self.forced_resume:  # the newest checkpoint may still be one written under the recipe before the force
+            argv.append(FORCE)
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

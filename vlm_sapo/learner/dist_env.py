@@ -53,6 +53,23 @@ def skip_shm_comm_build() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def backend() -> str:
+    return "nccl" if on_gpu() else "gloo"
+
+
+def _restart_attempt_store() -> torch.distributed.Store | None:
+    """Under torchrun every restart attempt talks to the launcher's one TCPStore, where the previous attempt's ranks
+    left their addresses under the same keys; a new attempt can read a dead peer's address and fail (measured on
+    torch 2.13 with gloo after `--max-restarts`: "Gloo connectFullMesh failed ... Connection refused" to the killed
+    rank's old port). So each attempt gets its own key prefix. None when not under torchrun's agent store."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                       int(os.environ["WORLD_SIZE"]), is_master=False)
+    return torch.distributed.PrefixStore(f"vlm_sapo/attempt_{attempt}", store)
+
+
 def init_distributed() -> None:
     """Start the process group once (DeepSpeed's `init_distributed` is a no-op when one exists).
 
@@ -69,7 +86,11 @@ def init_distributed() -> None:
         skip_shm_comm_build()
     if not torch.distributed.is_initialized():
         groups._release_process_group_references(None)
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu() else "gloo", auto_mpi_discovery=False, verbose=False)
+        store = _restart_attempt_store()
+        if store is not None:
+            torch.distributed.init_process_group(backend(), store=store, rank=int(os.environ["RANK"]),
+                                                 world_size=int(os.environ["WORLD_SIZE"]))
+    deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False, verbose=False)
 
 
 def world_size() -> int:

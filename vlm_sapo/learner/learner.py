@@ -14,6 +14,10 @@ Loss scaling, the part that is easy to get subtly wrong:
 
 A non-finite loss or gradient norm on any rank makes DeepSpeed's ZeRO optimizer skip the step (gradients zeroed, no
 optimizer or scheduler step); the learner reports `skipped=1` and counts consecutive skips in `nonfinite_in_a_row`.
+
+`backend="torch"` replaces DeepSpeed by a plain torch optimizer on one process (`vlm_sapo.learner.torch_engine`: no
+ZeRO, same bf16 master-weight and skip rules), for machines without DeepSpeed. `kl_reference=True` keeps the frozen
+initial weights for a KL term (`compute_ref_logprobs`; `vlm_sapo.learner.reference` states its memory cost).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import contextlib
 import inspect
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,6 +48,8 @@ from vlm_sapo.learner.ds_config import build_ds_config
 from vlm_sapo.learner.lora import apply_lora, freeze_vision_params, vision_tower
 from vlm_sapo.learner.micro_batches import BatchLayout, MicroBatch, batch_layout, plan_micro_batches, slice_batch
 from vlm_sapo.learner.optim import adamw, lr_multiplier, param_groups
+from vlm_sapo.learner.reference import ReferencePolicy
+from vlm_sapo.learner.torch_engine import TorchEngine
 from vlm_sapo.learner.weights import hf_model, named_full_weights
 from vlm_sapo.models.logprobs import token_logprobs
 
@@ -79,21 +86,29 @@ class Learner:
         temperature: float = 1.0,
         logprob_chunk_size: int = 1024,
         track_entropy: bool = True,
+        kl_reference: bool = False,
+        backend: str = "deepspeed",
     ) -> None:
-        """`bf16=None` picks bf16 where a GPU supports it and fp32 otherwise (CPU)."""
-        import deepspeed
-
-        if zero_stage not in (1, 2, 3):
+        """`bf16=None` picks bf16 where a GPU supports it and fp32 otherwise (CPU). `backend="torch"` ignores
+        `zero_stage` and `deepspeed_config`."""
+        if backend not in ("deepspeed", "torch"):
+            raise ValueError(f"backend must be 'deepspeed' or 'torch', got {backend!r}")
+        if backend == "deepspeed" and zero_stage not in (1, 2, 3):
             raise ValueError(f"zero_stage must be 1, 2 or 3 (the ZeRO optimizers detect non-finite gradients and "
                              f"skip the step; stage 0 does not), got {zero_stage}")
+        if backend == "torch" and max(dist_env.world_size(), int(os.environ.get("WORLD_SIZE", "1"))) > 1:
+            raise ValueError("backend='torch' trains on one process (no ZeRO, no data parallel); use DeepSpeed "
+                             "for more than one")
         if micro_batch_tokens < 1:
             raise ValueError(f"micro_batch_tokens must be >= 1, got {micro_batch_tokens}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        dist_env.init_distributed()
+        if backend == "deepspeed":
+            dist_env.init_distributed()
         if bf16 is None:
             bf16 = dist_env.on_gpu() and torch.cuda.is_bf16_supported()
-        self.zero_stage = zero_stage
+        self.backend = backend
+        self.zero_stage = zero_stage if backend == "deepspeed" else 0
         self.bf16 = bool(bf16)
         self.micro_batch_tokens = micro_batch_tokens
         self.temperature = temperature
@@ -109,6 +124,8 @@ class Learner:
         vision = getattr(config, "vision_config", None)
         self._merge_size = int(getattr(vision, "spatial_merge_size", 2))
 
+        # the initial weights, before LoRA, freezing or ZeRO touch the model (LoRA: adapters off, no copy)
+        self.reference = ReferencePolicy(model) if kl_reference and not self.lora else None
         if freeze_vision:
             freeze_vision_params(model)
         if self.lora:
@@ -120,15 +137,26 @@ class Learner:
 
         optimizer = adamw(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(lr_schedule, warmup_steps, total_steps))
-        ds_config = build_ds_config(zero_stage=zero_stage, bf16=self.bf16, grad_clip=grad_clip,
-                                    user_config=deepspeed_config)
-        self.bf16 = bool(ds_config["bf16"].get("enabled", False))  # the user's file may switch it
+        if backend == "deepspeed":
+            ds_config = build_ds_config(zero_stage=zero_stage, bf16=self.bf16, grad_clip=grad_clip,
+                                        user_config=deepspeed_config)
+            self.bf16 = bool(ds_config["bf16"].get("enabled", False))  # the user's file may switch it
         self.policy = model
         wrapped = _TokenLogprobs(model, vision_dummy=_vision_dummy(config, torch.bfloat16 if self.bf16 else None))
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=wrapped, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
-        )
+        if backend == "deepspeed":
+            import deepspeed
+
+            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=wrapped, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
+            )
+        else:
+            device = torch.device("cuda", torch.cuda.current_device()) if dist_env.on_gpu() else torch.device("cpu")
+            self.engine = TorchEngine(wrapped, optimizer, scheduler, bf16=self.bf16, grad_clip=grad_clip,
+                                      device=device)
+            self.optimizer, self.scheduler = optimizer, scheduler
         self.device = self.engine.device
+        if self.reference is not None:
+            self.reference.to(self.device, torch.bfloat16 if self.bf16 else None)
 
     # ------------------------------------------------------------------------------------------------ properties
     @property
@@ -197,6 +225,24 @@ class Learner:
                 logp, _ = self._forward(part, mask, entropy=False)
                 if i < len(plan):
                     out[mb.rows.to(out.device), mb.col_start:mb.col_end] = logp.float().to(out.device)
+        return out
+
+    @torch.no_grad()
+    def compute_ref_logprobs(self, batch: dict) -> torch.Tensor:
+        """log p_ref(input_ids[t] | <t) under the initial weights, as `compute_logprobs` (fp32 `[B, L]`, 0 off
+        completion tokens): the reference policy of a KL term. LoRA: the policy with adapters disabled; otherwise
+        the copy kept by `kl_reference=True`."""
+        if self.lora:
+            return self.compute_logprobs(batch, adapters=False)
+        if self.reference is None:
+            raise ValueError("compute_ref_logprobs needs a learner built with kl_reference=True (or with LoRA)")
+        layout, (plan, _) = self._layout(batch), self._plan(batch)  # no collectives: the copy is not under ZeRO
+        out = torch.zeros(batch["input_ids"].shape, dtype=torch.float32, device=batch["input_ids"].device)
+        for mb in plan:
+            part = self._to_device(slice_batch(batch, mb, layout))
+            mask = part.pop("completion_mask")
+            logp = self.reference.logprobs(part, mask, temperature=self.temperature, chunk_size=self.logprob_chunk_size)
+            out[mb.rows.to(out.device), mb.col_start:mb.col_end] = logp.float().to(out.device)
         return out
 
     # ------------------------------------------------------------------------------------------------ the update

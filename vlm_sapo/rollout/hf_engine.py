@@ -12,6 +12,10 @@ Sampling without top-k/top-p (the RL default) draws the token inside that same p
 already has, by inverse CDF in two levels (`sample_categorical`), and hands generate a one-hot score to take
 greedily. `torch.multinomial` draws one exponential variate per vocabulary entry (151,936 per row and step for Qwen),
 which made it the largest single cost of a CPU rollout; one uniform per row gives the same distribution.
+
+Sleep: an engine that owns its model (`from_pretrained`, `owns_model=True`) moves the weights to CPU memory in
+`sleep()` and back in `wake()` (on CUDA; on CPU there is nothing to free). An engine on the learner's own module
+offloads nothing: those weights are the ones being trained. generate holds no cache between calls.
 """
 
 from __future__ import annotations
@@ -19,11 +23,10 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vlm_sapo.data.prompts import RenderedPrompt, prompt_model_inputs
 from vlm_sapo.models.logprobs import unwrap_causal_lm
 from vlm_sapo.models.rope import use_released_video_rope
 from vlm_sapo.rollout.tokens import banned_token_ids, model_vocab_size, stop_token_ids
@@ -35,6 +38,9 @@ from vlm_sapo.rollout.types import (
     SamplingConfig,
 )
 from vlm_sapo.rollout.weight_names import ParameterNames, checked_weights, parameter_names, require_complete
+
+if TYPE_CHECKING:  # PIL: needed only where prompts are rendered, not by `generate_from_inputs`
+    from vlm_sapo.data.prompts import RenderedPrompt
 
 _TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
 _VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
@@ -163,8 +169,9 @@ class HFRolloutEngine:
     """`RolloutEngine` on a transformers Qwen-VL model.
 
     `model` may be the learner's own module (no copy: then `update_weights` only checks names, since every tensor
-    is already in place) or a separate copy (`from_pretrained`). `max_batch_prompts` bounds how many prompts (each
-    repeated n times) go through one generate call; None puts all of them in one.
+    is already in place) or a separate copy (`from_pretrained`, or `owns_model=True`: then `sleep` offloads it).
+    `max_batch_prompts` bounds how many prompts (each repeated n times) go through one generate call; None puts all
+    of them in one. `tokenizer` defaults to the processor's; `processor` may be None for `generate_from_inputs`.
     """
 
     name = "hf"
@@ -176,13 +183,15 @@ class HFRolloutEngine:
         *,
         max_batch_prompts: int | None = None,
         extra_banned_ids: Iterable[int] = (),
+        owns_model: bool = False,
+        tokenizer: Any = None,
     ):
         if max_batch_prompts is not None and max_batch_prompts < 1:
             raise ValueError(f"max_batch_prompts must be >= 1 or None, got {max_batch_prompts}")
         self.model = unwrap_causal_lm(model)
         use_released_video_rope(self.model)  # generate() places text after a video as vLLM and the learner do
         self.processor = processor
-        self.tokenizer = processor.tokenizer
+        self.tokenizer = tokenizer if tokenizer is not None else processor.tokenizer
         self.max_batch_prompts = max_batch_prompts
         self.stop_ids = stop_token_ids(self.tokenizer, getattr(self.model, "generation_config", None))
         vocab = model_vocab_size(self.model.config)
@@ -190,8 +199,11 @@ class HFRolloutEngine:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
         self.label = f"hf engine ({getattr(self.model, 'name_or_path', '') or type(self.model).__name__})"
         self.weight_version = 0
+        self.owns_model = owns_model
         self._names: ParameterNames | None = None
         self._closed = False
+        self._asleep_from: torch.device | None = None  # the device the weights went back to CPU from
+        self._asleep = False
 
     @classmethod
     def from_pretrained(
@@ -202,22 +214,40 @@ class HFRolloutEngine:
         from vlm_sapo.models.loading import load_policy, load_processor
 
         model = load_policy(path, dtype=dtype, device=device)  # type: ignore[arg-type]
-        return cls(model, processor if processor is not None else load_processor(path), **kwargs)
+        return cls(model, processor if processor is not None else load_processor(path), owns_model=True, **kwargs)
 
     # -- generation ---------------------------------------------------------------------------------------------
 
-    def generate(self, prompts: Sequence[RenderedPrompt], n: int, sampling: SamplingConfig) -> Rollouts:
+    def _check_usable(self) -> None:
         if self._closed:
             raise RolloutEngineError(f"{self.label} is closed")
+        if self._asleep:
+            raise RolloutEngineError(f"{self.label} is asleep; call wake() first")
+
+    def generate(self, prompts: Sequence[RenderedPrompt], n: int, sampling: SamplingConfig) -> Rollouts:
+        from vlm_sapo.data.prompts import prompt_model_inputs
+
+        self._check_usable()
+        t0 = time.perf_counter()
+        inputs = [prompt_model_inputs(self.processor, p) for p in prompts]
+        return self.generate_from_inputs(inputs, [p.id for p in prompts], n, sampling, _t0=t0)
+
+    def generate_from_inputs(self, inputs: Sequence[dict[str, Any]], ids: Sequence[str], n: int,
+                             sampling: SamplingConfig, *, _t0: float | None = None) -> Rollouts:
+        """`generate` on prompts already through the processor (one dict of batch-1 tensors per prompt, as
+        `prompt_model_inputs` returns), named by `ids`."""
+        self._check_usable()
         if n < 1:
             raise ValueError(f"n (samples per prompt) must be >= 1, got {n}")
-        t0 = time.perf_counter()
-        step = self.max_batch_prompts or max(len(prompts), 1)
+        if len(inputs) != len(ids):
+            raise ValueError(f"{len(inputs)} prompt inputs but {len(ids)} ids")
+        t0 = time.perf_counter() if _t0 is None else _t0
+        step = self.max_batch_prompts or max(len(inputs), 1)
         completions: list[Completion] = []
         prompt_tokens = 0
-        for start in range(0, len(prompts), step):
-            chunk = list(prompts[start : start + step])
-            done, tokens = self._generate_chunk(chunk, start, n, sampling, t0)
+        for start in range(0, len(inputs), step):
+            done, tokens = self._generate_chunk(list(inputs[start : start + step]), list(ids[start : start + step]),
+                                                start, n, sampling, t0)
             completions += done
             prompt_tokens += tokens
         seconds = time.perf_counter() - t0
@@ -225,11 +255,11 @@ class HFRolloutEngine:
         return Rollouts(completions, n, timing, self.name, self.weight_version, sampling)
 
     def _generate_chunk(
-        self, prompts: list[RenderedPrompt], first_index: int, n: int, sampling: SamplingConfig, t0: float
+        self, per_prompt: list[dict[str, Any]], sample_ids: list[str], first_index: int, n: int, sampling: SamplingConfig,
+        t0: float,
     ) -> tuple[list[Completion], int]:
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
-        per_prompt = [prompt_model_inputs(self.processor, p) for p in prompts]
         device = next(self.model.parameters()).device
         batch = collate_left([inp for inp in per_prompt for _ in range(n)], self.pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -268,7 +298,7 @@ class HFRolloutEngine:
                 )
         except Exception as err:
             raise RolloutEngineError(f"{self.label}: generate failed on prompts "
-                                     f"{[p.id for p in prompts][:8]}: {type(err).__name__}: {err}") from err
+                                     f"{sample_ids[:8]}: {type(err).__name__}: {err}") from err
         finally:
             self.model.generation_config = saved_config
             self.model.train(was_training)
@@ -292,12 +322,12 @@ class HFRolloutEngine:
                 reason = "stop"
             lp = logprobs[r, :end].contiguous()
             if not torch.isfinite(lp).all():
-                raise RolloutEngineError(f"{self.label}: non-finite logprob in sample {prompts[p].id!r} "
+                raise RolloutEngineError(f"{self.label}: non-finite logprob in sample {sample_ids[p]!r} "
                                          "(NaN/inf weights or logits?)")
             completions.append(Completion(
                 prompt_index=first_index + p,
                 sample_index=k,
-                sample_id=prompts[p].id,
+                sample_id=sample_ids[p],
                 prompt_ids=per_prompt[p]["input_ids"][0].tolist(),
                 completion_ids=ids[:end],
                 logprobs=lp,
@@ -311,8 +341,7 @@ class HFRolloutEngine:
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy every parameter into the model (skipped for tensors that already are the model's own storage)."""
-        if self._closed:
-            raise RolloutEngineError(f"{self.label} is closed")
+        self._check_usable()
         if self._names is None:
             self._names = parameter_names(self.model)
         targets = dict(self.model.named_parameters(remove_duplicate=False))
@@ -327,10 +356,23 @@ class HFRolloutEngine:
         self.weight_version += 1
 
     def sleep(self) -> None:
-        """No-op: the HF engine holds no cache between calls (the model may be the learner's)."""
+        """Offload an owned model's weights to CPU memory (CUDA only); the learner's own module stays (see module
+        docstring). `generate` and `update_weights` refuse until `wake`."""
+        self._check_usable()
+        device = next(self.model.parameters()).device
+        if self.owns_model and device.type == "cuda":
+            self.model.to("cpu")
+            torch.cuda.empty_cache()
+            self._asleep_from = device
+        self._asleep = True
 
     def wake(self) -> None:
-        """No-op (see `sleep`)."""
+        if self._closed:
+            raise RolloutEngineError(f"{self.label} is closed")
+        if self._asleep_from is not None:
+            self.model.to(self._asleep_from)
+            self._asleep_from = None
+        self._asleep = False
 
     def close(self) -> None:
         self._closed = True

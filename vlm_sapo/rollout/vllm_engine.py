@@ -10,8 +10,12 @@ forward with top_p=0.9 and bans active). Banned tokens go in as `logit_bias` -in
 
 Weights: `collective_rpc("reload_weights", weights_iterator=...)` streams transformers-named tensors into the running
 engine (vLLM maps the names); then the prefix cache and the engine's encoder cache are reset (without the second,
-the next image request hits `Encoder cache miss` and the engine is dead). Any failure in vLLM marks the engine dead:
-every later call raises `RolloutEngineError` at once instead of hanging or sampling from half-loaded weights.
+the next image request hits `Encoder cache miss` and the engine is dead). On CPU, a tied lm_head (tie_word_embeddings,
+e.g. Qwen2.5-VL-3B) is repacked afterwards: vLLM's CPU backend computes logits from a packed copy of the lm_head made
+at load time, and a reload repacks only the layers it loaded weights into, so the tied head kept sampling from the
+old embeddings (measured: logprobs 2.5 off the learner's after an embedding update). Any failure in vLLM marks the
+engine dead: every later call raises `RolloutEngineError` at once instead of hanging or sampling from half-loaded
+weights.
 
 Sleep mode (`sleep()` frees the KV cache and offloads weights, `wake()` restores them) exists on CUDA only; on CPU
 both are no-ops.
@@ -48,6 +52,21 @@ def _scale_logits(model: torch.nn.Module, temperature: float) -> int:
             module.scale = base / temperature
             found += 1
     return found
+
+
+def _repack_tied_cpu_lm_head(model: torch.nn.Module) -> int:
+    """Runs inside the vLLM worker (CPU): redo the lm_head's post-load packing when its weight is the embedding's."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+
+    embeddings = {m.weight.data_ptr() for m in model.modules()
+                  if type(m) is VocabParallelEmbedding and m.weight.numel()}
+    done = 0
+    for module in model.modules():
+        if isinstance(module, ParallelLMHead) and hasattr(module, "cpu_linear") and module.weight.numel() \
+                and module.weight.data_ptr() in embeddings:
+            module.quant_method.process_weights_after_loading(module)
+            done += 1
+    return done
 
 
 def _image_size_kwargs(processor: Any) -> dict[str, Any]:
@@ -122,6 +141,7 @@ class VLLMRolloutEngine:
         self.max_images_per_prompt = max_images_per_prompt
         self.max_videos_per_prompt = max_videos_per_prompt
         on_gpu = current_platform.is_cuda_alike()
+        self.on_gpu = on_gpu
         self.sleep_mode = on_gpu if sleep_mode is None else sleep_mode
         if self.sleep_mode and not current_platform.is_sleep_mode_available():
             raise ValueError(f"sleep_mode=True but vLLM has no sleep mode on {current_platform.device_name}")
@@ -327,6 +347,8 @@ class VLLMRolloutEngine:
         try:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream})
             require_complete(names, seen, self.label, "")
+            if not self.on_gpu:
+                self.llm.apply_model(_repack_tied_cpu_lm_head)
             self.llm.reset_prefix_cache()
             self.llm.llm_engine.reset_encoder_cache()
         except Exception as err:

@@ -15,7 +15,7 @@ from pathlib import Path
 from pydantic import Field
 from recipe_reads import ReadScanner, dotted, leaf_fields, sections, unread_fields
 
-from vlm_sapo.recipe import Recipe, RolloutCfg
+from vlm_sapo.recipe import LossCfg, Recipe, RolloutCfg
 
 PACKAGE = Path(__file__).resolve().parents[2] / "vlm_sapo"
 RECIPE_MODULE = PACKAGE / "recipe.py"
@@ -71,6 +71,6 @@ def test_reads_count_only_on_their_own_section(tmp_path: Path):
     (pkg / "use.py").write_text(textwrap.dedent(USE))
     leaves = set(leaf_fields(sections(Recipe)))
     reads = {dotted(p, f) for p, f in ReadScanner(Recipe, pkg, RECIPE_MODULE).run() if (p, f) in leaves}
-    loss_hparams = {"tau_pos", "tau_neg", "clip_low", "clip_high", "max_log_ratio", "max_length"}
+    loss_hparams = set(LossCfg.model_fields) - {"name"}  # LossCfg.hparams() reads them all
     assert reads == {"eval.n", "data.train[].weight", "data.val[].path"} | {
         f"algorithm.loss.{k}" for k in loss_hparams}

@@ -2,6 +2,7 @@
 
     python -m vlm_sapo.demo            (what `make demo` runs; about 5 minutes on 2 CPU cores)
     python -m vlm_sapo.demo --seeds 0 1 2 --out runs/demo3     (the 3-seed claim in README)
+    python -m vlm_sapo.demo --family qwen3_vl_moe              (the same on a tiny Qwen3-VL-MoE, 4 experts, top-2)
 
 1. data: synthetic math (how many shapes in a 2 x 2 grid), chart (the largest value of a bar chart) and grounding
    (the box of a described shape beside a distractor), 56 x 56 images, train/val/test splits from a seed;
@@ -47,6 +48,7 @@ class DemoConfig:
     """Sizes and budgets of the demo (measured on 2 CPU cores; see benchmarks/RESULTS.md)."""
 
     seed: int = 0
+    family: str = MODEL_FAMILY  # the policy's model family (`vlm_sapo.models.tiny.FAMILIES`)
     n_train: int = 1000  # rows per family
     n_val: int = 48
     n_test: int = 200
@@ -64,11 +66,14 @@ class DemoConfig:
 
 
 # ------------------------------------------------------------------------------------------------------- the stages
-def image_pixels() -> int:
-    """The synthetic images' size in pixels; the processor is pinned to it, so images are never resized."""
+def image_pixels(family: str = MODEL_FAMILY) -> int:
+    """The processor's pixel budget: one image token per grid cell. For Qwen2/2.5-VL (28-pixel tokens) that is the
+    synthetic image itself, never resized; Qwen3-VL's 32-pixel tokens take it scaled from 56 to 64 pixels, so that
+    the cell borders still fall on token borders."""
+    from vlm_sapo.models.tiny import image_token_pixels
     from vlm_sapo.synthetic import SyntheticConfig
 
-    return SyntheticConfig().image_size ** 2
+    return (SyntheticConfig().grid * image_token_pixels(family)) ** 2
 
 
 def split_paths(data_dir: Path) -> dict[str, dict[str, Path]]:
@@ -81,13 +86,13 @@ def make_data(out: Path, cfg: DemoConfig) -> dict[str, dict[str, Path]]:
     return make_synthetic_data(out, seed=cfg.seed, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test)
 
 
-def tokenizer_corpus(paths: dict[str, dict[str, Path]]) -> list[str]:
+def tokenizer_corpus(paths: dict[str, dict[str, Path]], family: str = MODEL_FAMILY) -> list[str]:
     """What the model will read and write: every train question with its task instruction and gold completion."""
     from vlm_sapo.data import Sample
     from vlm_sapo.synthetic import gold_completion
     from vlm_sapo.tasks import coord_system_for_family, get_task
 
-    coords = coord_system_for_family(MODEL_FAMILY)
+    coords = coord_system_for_family(family)
     texts = []
     for family, splits in paths.items():
         for line in splits["train"].read_text().splitlines():
@@ -100,12 +105,13 @@ def tokenizer_corpus(paths: dict[str, dict[str, Path]]) -> list[str]:
 def build_model(out: Path, paths: dict[str, dict[str, Path]], cfg: DemoConfig, image_pixels: int) -> Path:
     from vlm_sapo.synthetic.vocab import build_small_vocab_tiny
 
+    # Qwen2.5-VL's windowed vision attention: the last block attends over the whole image.
+    extra = {"vision_fullatt_block_indexes": [cfg.vision_depth - 1]} if cfg.family == "qwen2_5_vl" else {}
     return build_small_vocab_tiny(
-        out, tokenizer_corpus(paths), family=MODEL_FAMILY, vocab_size=cfg.vocab_size, seed=cfg.seed,
+        out, tokenizer_corpus(paths, cfg.family), family=cfg.family, vocab_size=cfg.vocab_size, seed=cfg.seed,
         min_pixels=image_pixels, max_pixels=image_pixels, overwrite=True, hidden_size=cfg.hidden_size,
         intermediate_size=2 * cfg.hidden_size, num_hidden_layers=cfg.layers, vision_hidden_size=cfg.vision_hidden,
-        vision_intermediate_size=2 * cfg.vision_hidden, vision_depth=cfg.vision_depth,
-        vision_fullatt_block_indexes=[cfg.vision_depth - 1])
+        vision_intermediate_size=2 * cfg.vision_hidden, vision_depth=cfg.vision_depth, **extra)
 
 
 def load_split(paths: dict[str, dict[str, Path]], split: str, limit: int | None = None) -> list[Any]:
@@ -119,33 +125,35 @@ def cold_start(init_dir: Path, out: Path, paths: dict[str, dict[str, Path]], cfg
     """Supervised warm-up of the random model; saves the policy and its processor to `out`."""
     from vlm_sapo.learner.lora import freeze_vision_params
     from vlm_sapo.models.loading import load_policy, load_processor
+    from vlm_sapo.models.moe import save_policy
     from vlm_sapo.sft import prepare_examples, supervised_warmup
     from vlm_sapo.synthetic import gold_completion
 
     processor = load_processor(init_dir)
     model = load_policy(init_dir, dtype="float32")
     freeze_vision_params(model)  # as in RL (`model.freeze_vision_tower` in the recipe): see the module docstring
-    train = prepare_examples(processor, load_split(paths, "train", cfg.sft_rows), family=MODEL_FAMILY,
+    train = prepare_examples(processor, load_split(paths, "train", cfg.sft_rows), family=cfg.family,
                              min_pixels=image_pixels, max_pixels=image_pixels,
+                             patch_size=model.config.vision_config.patch_size,
                              completion_for=lambda s: gold_completion(s.task, s.answer))
     result = supervised_warmup(model, processor, train, steps=cfg.sft_steps, batch_size=cfg.sft_batch, lr=cfg.sft_lr,
                                seed=cfg.seed)
-    model.save_pretrained(out)
+    save_policy(model, out)
     processor.save_pretrained(out)
     return {"steps": result.steps, "seconds": result.seconds, "loss_first": result.losses[0],
             "loss_last": sum(result.losses[-10:]) / len(result.losses[-10:])}
 
 
 def evaluate(model_dir: Path, paths: dict[str, dict[str, Path]], image_pixels: int,
-             details_path: Path | None = None) -> dict[str, float]:
+             details_path: Path | None = None, family: str = MODEL_FAMILY) -> dict[str, float]:
     """Greedy accuracy on the held-out test split, scored by each task's own reward."""
     from vlm_sapo.models.loading import load_policy, load_processor
     from vlm_sapo.sft import greedy_accuracy, prepare_examples
 
     processor = load_processor(model_dir, min_pixels=image_pixels, max_pixels=image_pixels)
     model = load_policy(model_dir, dtype="float32")
-    examples = prepare_examples(processor, load_split(paths, "test"), family=MODEL_FAMILY, min_pixels=image_pixels,
-                                max_pixels=image_pixels)
+    examples = prepare_examples(processor, load_split(paths, "test"), family=family, min_pixels=image_pixels,
+                                max_pixels=image_pixels, patch_size=model.config.vision_config.patch_size)
     details: list[dict[str, Any]] = []
     scores = greedy_accuracy(model, processor, examples, details=details)
     if details_path is not None:
@@ -156,6 +164,8 @@ def evaluate(model_dir: Path, paths: dict[str, dict[str, Path]], image_pixels: i
 def rl_overrides(out: Path, cold_dir: Path, data_dir: Path, cfg: DemoConfig) -> list[str]:
     over = [f"model.path={cold_dir}", f"seed={cfg.seed}", f"learner.steps={cfg.rl_steps}",
             f"logging.dir={out / 'rl'}", "checkpoint.resume=never"]
+    if cfg.family != MODEL_FAMILY:  # the recipe's pixel budget is the default family's
+        over += [f"model.min_pixels={image_pixels(cfg.family)}", f"model.max_pixels={image_pixels(cfg.family)}"]
     for i, family in enumerate(FAMILIES):
         over += [f"data.train.{i}.path={data_dir / family / 'train.jsonl'}",
                  f"data.val.{i}.path={data_dir / family / 'val.jsonl'}"]
@@ -263,7 +273,7 @@ def run_demo(out: Path, cfg: DemoConfig, extra_overrides: list[str] | None = Non
 
     torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
-    pixels = image_pixels()
+    pixels = image_pixels(cfg.family)
     timings: dict[str, float] = {}
     t = time.perf_counter()
     paths = make_data(out / "data", cfg)
@@ -275,7 +285,7 @@ def run_demo(out: Path, cfg: DemoConfig, extra_overrides: list[str] | None = Non
     timings["cold start"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    before = evaluate(out / "cold_start", paths, pixels, out / "test_before.jsonl")
+    before = evaluate(out / "cold_start", paths, pixels, out / "test_before.jsonl", cfg.family)
     timings["eval before"] = time.perf_counter() - t
     print("cold start, held-out test:", format_accuracies(before), flush=True)
 
@@ -284,7 +294,7 @@ def run_demo(out: Path, cfg: DemoConfig, extra_overrides: list[str] | None = Non
     timings["RL"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    after = evaluate(run_dir / "hf", paths, pixels, out / "test_after.jsonl")
+    after = evaluate(run_dir / "hf", paths, pixels, out / "test_after.jsonl", cfg.family)
     timings["eval after"] = time.perf_counter() - t
 
     report = out / "report"
@@ -304,10 +314,14 @@ def format_accuracies(scores: dict[str, float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vlm_sapo.models.tiny import FAMILIES as TINY_FAMILIES
+
     parser = argparse.ArgumentParser(prog="python -m vlm_sapo.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo", help="output folder (data, models, RL run, report)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="several seeds run one after another, "
                         "each in <out>/seed<k>, then a table of the mean change per task family")
+    parser.add_argument("--family", choices=TINY_FAMILIES, default=MODEL_FAMILY, help="the tiny policy's model family "
+                        "(qwen3_vl_moe: 4 experts, top-2 routing)")
     parser.add_argument("--rl-steps", type=int, default=DemoConfig.rl_steps)
     parser.add_argument("--sft-steps", type=int, default=DemoConfig.sft_steps)
     parser.add_argument("--threads", type=int, default=DemoConfig.threads, help="torch threads (1 is fastest for "
@@ -318,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     results = []
     for seed in args.seeds:
-        cfg = DemoConfig(seed=seed, rl_steps=args.rl_steps, sft_steps=args.sft_steps, threads=args.threads)
+        cfg = DemoConfig(seed=seed, family=args.family, rl_steps=args.rl_steps, sft_steps=args.sft_steps,
+                         threads=args.threads)
         out = Path(args.out) if len(args.seeds) == 1 else Path(args.out) / f"seed{seed}"
         results.append(run_demo(out, cfg, args.overrides))
     if len(results) > 1:

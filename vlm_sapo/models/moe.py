@@ -4,8 +4,9 @@ transformers holds a Qwen3-VL-MoE layer's experts as two 3-D tensors, `gate_up_p
 and `down_proj` [experts, hidden, moe_inter]; the released checkpoints (and vLLM's loader, `is_fused_checkpoint_
 transposed`) store them transposed, [experts, hidden, 2 x moe_inter] and [experts, moe_inter, hidden]. transformers
 transposes on load only when the shapes differ (`Transpose(check_dims=True)`), and for the same reason its
-`save_pretrained` does not transpose back (checked with transformers 5.19: the saved shapes are the in-memory ones),
-so a saved model would not load in vLLM. `save_policy` writes the released layout, and the vLLM engine transposes
+`save_pretrained` transposes back only when the model's parameter has a different shape from the tensor saved
+(checked with transformers 5.19: a plain model saves its in-memory layout, a ZeRO-3-partitioned one the released
+layout), so a saved model would not always load in vLLM. `save_policy` writes the released layout, and the vLLM engine transposes
 the tensors it streams (`checkpoint_layout`). A config where the two layouts have the same shape (2 x moe_inter ==
 hidden) cannot be told apart on load and is refused.
 """
@@ -39,9 +40,11 @@ def check_layouts_distinct(hidden: int, inter: int) -> None:
                          "choose another moe_intermediate_size")
 
 
-def checkpoint_layout(name: str, tensor: torch.Tensor) -> torch.Tensor:
-    """A transformers-named tensor in the released checkpoints' layout (the experts' weights transposed)."""
-    if name.endswith(TRANSPOSED_EXPERT_WEIGHTS) and tensor.dim() == 3:
+def checkpoint_layout(name: str, tensor: torch.Tensor, hidden: int) -> torch.Tensor:
+    """A transformers-named tensor in the released checkpoints' layout, whichever layout it comes in: the experts'
+    `gate_up_proj` as [experts, hidden, 2 x inter], `down_proj` as [experts, inter, hidden]."""
+    if tensor.dim() == 3 and (name.endswith(TRANSPOSED_EXPERT_WEIGHTS[0]) and tensor.shape[1] != hidden
+                              or name.endswith(TRANSPOSED_EXPERT_WEIGHTS[1]) and tensor.shape[2] != hidden):
         return tensor.transpose(1, 2).contiguous()
     return tensor
 
@@ -52,6 +55,9 @@ def save_policy(model: Any, folder: str | os.PathLike, **kwargs: Any) -> None:
     model.save_pretrained(folder, **kwargs)
     if not is_moe(model):
         return
+    # transformers' own revert transposes only when the model's parameter shape differs from the saved one, which
+    # depends on the parameter being materialised (not under ZeRO-3): fix the layout from the shapes instead.
+    hidden = int(model.config.get_text_config().hidden_size)
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -61,7 +67,7 @@ def save_policy(model: Any, folder: str | os.PathLike, **kwargs: Any) -> None:
             if not any(n.endswith(TRANSPOSED_EXPERT_WEIGHTS) for n in names):
                 continue
             metadata = f.metadata()
-            tensors = {n: checkpoint_layout(n, f.get_tensor(n)) for n in names}
+            tensors = {n: checkpoint_layout(n, f.get_tensor(n), hidden) for n in names}
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata=metadata)
         os.replace(tmp, path)

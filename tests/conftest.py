@@ -26,6 +26,14 @@ def tiny_qwen3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen3-VL-MoE (4 experts, top-2, real Qwen2 vocabulary, fp32), built once per test session."""
+    from vlm_sapo.models.tiny import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("tiny") / "qwen3_vl_moe", "qwen3_vl_moe", seed=0)
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     """`<repo>/../shared/data` (real benchmark samples, read at test time only); skips loudly when absent."""
     path = SHARED_DATA.resolve()

@@ -27,6 +27,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from vlm_sapo.models.moe import save_policy
+
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 LEARNER_DIR = "learner"
@@ -269,7 +271,7 @@ def export_hf(learner: LearnerState, processor_or_src_dir: Any, out_dir: str | P
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
-            learner.hf_model.save_pretrained(tmp, state_dict=state)
+            save_policy(learner.hf_model, tmp, state_dict=state)  # MoE experts in the layout vLLM loads
             if isinstance(processor_or_src_dir, str | os.PathLike):
                 src = Path(processor_or_src_dir)
                 if not src.is_dir():

@@ -45,6 +45,9 @@ def _train(args: argparse.Namespace) -> int:
 
     try:
         run_dir = train(recipe, resume=args.resume)
+    except RecipeError as e:  # found once the model is loaded (e.g. routing replay on a dense model)
+        print(e, file=sys.stderr)
+        return 2
     except (TrainingError, RewardError, RolloutEngineError) as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return 1
@@ -150,6 +153,8 @@ def _make_data(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vlm_sapo.models.tiny import FAMILIES as TINY_FAMILIES  # light: the builder imports transformers lazily
+
     parser = argparse.ArgumentParser(
         prog="vlm-sapo", description="RL for vision-language models with SAPO (Soft Adaptive Policy Optimization)."
     )
@@ -171,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init-tiny", help="build a tiny random Qwen-VL model folder offline (for tests and the demo)")
     p.add_argument("out_dir")
-    p.add_argument("--family", choices=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"], default="qwen2_5_vl")
+    p.add_argument("--family", choices=list(TINY_FAMILIES), default="qwen2_5_vl")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     p.set_defaults(fn=_init_tiny)

@@ -2,6 +2,7 @@
 
     python -m vlm_sapo.demo            (what `make demo` runs; about 4 minutes on 2 CPU cores)
     python -m vlm_sapo.demo --seeds 0 1 2 3 4 --out runs/demo5     (the five-seed table in README)
+    python -m vlm_sapo.demo --family qwen3_vl_moe              (the same on a tiny Qwen3-VL-MoE, 4 experts, top-2)
 
 1. data: synthetic math (how many shapes in a 3 x 3 grid), chart (the largest value of a bar chart) and grounding
    (the box of a described shape beside a distractor, in a 2 x 2 grid of shaded cells), answers balanced in every
@@ -48,6 +49,7 @@ class DemoConfig:
     """Sizes and budgets of the demo (measured on 2 CPU cores; see benchmarks/RESULTS.md)."""
 
     seed: int = 0
+    family: str = MODEL_FAMILY  # the policy's model family (`vlm_sapo.models.tiny.FAMILIES`)
     n_train: int = 700  # rows per family (grounding has 108 distinct scenes per answer box)
     n_val: int = 48
     n_test: int = 200
@@ -66,12 +68,14 @@ class DemoConfig:
 
 
 # ------------------------------------------------------------------------------------------------------- the stages
-def image_pixels() -> tuple[int, int]:
-    """The smallest and largest synthetic image in pixels: the processor's min/max pixels, so no image is resized
-    (every side is a multiple of 28)."""
+def image_pixels(family: str = MODEL_FAMILY) -> tuple[int, int]:
+    """The processor's smallest and largest pixel budget: one image token per 28-pixel grid cell. For Qwen2/2.5-VL
+    (28-pixel tokens) those are the synthetic images themselves, never resized; Qwen3-VL's 32-pixel tokens take them
+    scaled by 32/28, so that the cell borders still fall on token borders."""
+    from vlm_sapo.models.tiny import image_token_pixels
     from vlm_sapo.synthetic import SyntheticConfig
 
-    sides = [SyntheticConfig().side(f) for f in FAMILIES]
+    sides = [SyntheticConfig().side(f) // 28 * image_token_pixels(family) for f in FAMILIES]
     return min(sides) ** 2, max(sides) ** 2
 
 
@@ -85,13 +89,13 @@ def make_data(out: Path, cfg: DemoConfig) -> dict[str, dict[str, Path]]:
     return make_synthetic_data(out, seed=cfg.seed, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test)
 
 
-def tokenizer_corpus(paths: dict[str, dict[str, Path]]) -> list[str]:
+def tokenizer_corpus(paths: dict[str, dict[str, Path]], family: str = MODEL_FAMILY) -> list[str]:
     """What the model will read and write: every train question with its task instruction and gold completion."""
     from vlm_sapo.data import Sample
     from vlm_sapo.synthetic import gold_completion
     from vlm_sapo.tasks import coord_system_for_family, get_task
 
-    coords = coord_system_for_family(MODEL_FAMILY)
+    coords = coord_system_for_family(family)
     texts = []
     for family, splits in paths.items():
         for line in splits["train"].read_text().splitlines():
@@ -104,18 +108,20 @@ def tokenizer_corpus(paths: dict[str, dict[str, Path]]) -> list[str]:
 def build_model(out: Path, paths: dict[str, dict[str, Path]], cfg: DemoConfig, pixels: tuple[int, int]) -> Path:
     from vlm_sapo.synthetic.vocab import build_small_vocab_tiny
 
+    # Qwen2.5-VL's windowed vision attention: the last block attends over the whole image.
+    extra = {"vision_fullatt_block_indexes": [cfg.vision_depth - 1]} if cfg.family == "qwen2_5_vl" else {}
     return build_small_vocab_tiny(
-        out, tokenizer_corpus(paths), family=MODEL_FAMILY, vocab_size=cfg.vocab_size, seed=cfg.seed,
+        out, tokenizer_corpus(paths, cfg.family), family=cfg.family, vocab_size=cfg.vocab_size, seed=cfg.seed,
         min_pixels=pixels[0], max_pixels=pixels[1], overwrite=True, hidden_size=cfg.hidden_size,
         intermediate_size=2 * cfg.hidden_size, num_hidden_layers=cfg.layers, vision_hidden_size=cfg.vision_hidden,
-        vision_intermediate_size=2 * cfg.vision_hidden, vision_depth=cfg.vision_depth,
-        vision_fullatt_block_indexes=[cfg.vision_depth - 1])
+        vision_intermediate_size=2 * cfg.vision_hidden, vision_depth=cfg.vision_depth, **extra)
 
 
-def load_split(paths: dict[str, dict[str, Path]], split: str, limit: int | None = None) -> list[Any]:
+def load_split(paths: dict[str, dict[str, Path]], split: str, limit: int | None = None,
+               families: tuple[str, ...] = FAMILIES) -> list[Any]:
     from vlm_sapo.data import load_samples
 
-    return [s for family in FAMILIES for s in load_samples(paths[family][split], task=family, limit=limit).samples]
+    return [s for family in families for s in load_samples(paths[family][split], task=family, limit=limit).samples]
 
 
 def cold_start(init_dir: Path, out: Path, paths: dict[str, dict[str, Path]], cfg: DemoConfig,
@@ -123,26 +129,29 @@ def cold_start(init_dir: Path, out: Path, paths: dict[str, dict[str, Path]], cfg
     """Supervised warm-up of the random model; saves the policy and its processor to `out`."""
     from vlm_sapo.learner.lora import freeze_vision_params
     from vlm_sapo.models.loading import load_policy, load_processor
+    from vlm_sapo.models.moe import save_policy
     from vlm_sapo.sft import prepare_examples, supervised_warmup
     from vlm_sapo.synthetic import gold_completion
 
     processor = load_processor(init_dir)
     model = load_policy(init_dir, dtype="float32")
     freeze_vision_params(model)  # as in RL (`model.freeze_vision_tower` in the recipe): see the module docstring
-    train = prepare_examples(processor, load_split(paths, "train", cfg.sft_rows), family=MODEL_FAMILY,
+    train = prepare_examples(processor, load_split(paths, "train", cfg.sft_rows), family=cfg.family,
                              min_pixels=pixels[0], max_pixels=pixels[1],
+                             patch_size=model.config.vision_config.patch_size,
                              completion_for=lambda s: gold_completion(s.task, s.answer))
     train = [e for e in train for _ in range(cfg.sft_grounding_repeats if e.sample.task == "grounding" else 1)]
     result = supervised_warmup(model, processor, train, steps=cfg.sft_steps, batch_size=cfg.sft_batch, lr=cfg.sft_lr,
                                seed=cfg.seed)
-    model.save_pretrained(out)
+    save_policy(model, out)
     processor.save_pretrained(out)
     return {"steps": result.steps, "seconds": result.seconds, "loss_first": result.losses[0],
             "loss_last": sum(result.losses[-10:]) / len(result.losses[-10:])}
 
 
 def evaluate(model_dir: Path, paths: dict[str, dict[str, Path]], pixels: tuple[int, int],
-             details_path: Path | None = None, *, shuffle_seed: int | None = None) -> dict[str, float]:
+             details_path: Path | None = None, family: str = MODEL_FAMILY, *,
+             shuffle_seed: int | None = None) -> dict[str, float]:
     """Greedy accuracy on the held-out test split, scored by each task's own reward, with the spread of the answers
     (`<task>/answers_distinct`, `<task>/answers_top_share`). With `shuffle_seed`, every row is shown another row's
     image (the image-shuffled control)."""
@@ -154,7 +163,8 @@ def evaluate(model_dir: Path, paths: dict[str, dict[str, Path]], pixels: tuple[i
     samples = load_split(paths, "test")
     if shuffle_seed is not None:
         samples = shuffle_images(samples, shuffle_seed)
-    examples = prepare_examples(processor, samples, family=MODEL_FAMILY, min_pixels=pixels[0], max_pixels=pixels[1])
+    examples = prepare_examples(processor, samples, family=family, min_pixels=pixels[0], max_pixels=pixels[1],
+                                patch_size=model.config.vision_config.patch_size)
     details: list[dict[str, Any]] = []
     scores = greedy_accuracy(model, processor, examples, details=details)
     if details_path is not None:
@@ -181,32 +191,35 @@ def shuffle_images(samples: list[Any], seed: int) -> list[Any]:
     return out
 
 
-def blind_baseline(paths: dict[str, dict[str, Path]], pixels: tuple[int, int], model_dir: Path) -> dict[str, dict]:
+def blind_baseline(paths: dict[str, dict[str, Path]]) -> dict[str, dict]:
     """Per family, the best constant answer on the test split and its accuracy: every distinct gold answer of the
-    split (for grounding, every gold box) is tried as the answer to every row, scored by the task's own reward."""
-    from vlm_sapo.models.loading import load_processor
-    from vlm_sapo.sft import prepare_examples
+    split (for grounding, every gold box, in the image's own pixels) is tried as the answer to every row, scored by
+    the task's own reward. It needs no model: a constant answer does not depend on what the model sees."""
+    import dataclasses
+
     from vlm_sapo.synthetic import gold_completion
     from vlm_sapo.tasks import get_task
     from vlm_sapo.tasks.answers import answer_key
 
-    processor = load_processor(model_dir, min_pixels=pixels[0], max_pixels=pixels[1])
-    examples = prepare_examples(processor, load_split(paths, "test"), family=MODEL_FAMILY, min_pixels=pixels[0],
-                                max_pixels=pixels[1])  # for the samples' completed meta (coordinates, sizes)
     out = {}
-    for family in FAMILIES:
-        rows = [e.sample for e in examples if e.sample.task == family]
-        task = get_task(family)
+    for task_family in FAMILIES:
+        rows = [dataclasses.replace(s, meta={**s.meta, "coord_system": "abs_original",
+                                             "image_size": (s.meta.get("image_width"), s.meta.get("image_height"))})
+                for s in load_split({task_family: paths[task_family]}, "test", families=(task_family,))]
+        task = get_task(task_family)
         candidates = {answer_key(s.answer): s.answer for s in rows}
-        best = max(((sum(task.evaluate(gold_completion(family, c), s) for s in rows) / len(rows), key)
+        best = max(((sum(task.evaluate(gold_completion(task_family, c), s) for s in rows) / len(rows), key)
                     for key, c in sorted(candidates.items())), key=lambda t: t[0])
-        out[family] = {"accuracy": best[0], "answer": best[1]}
+        out[task_family] = {"accuracy": best[0], "answer": best[1]}
     return out
 
 
 def rl_overrides(out: Path, cold_dir: Path, data_dir: Path, cfg: DemoConfig) -> list[str]:
     over = [f"model.path={cold_dir}", f"seed={cfg.seed}", f"learner.steps={cfg.rl_steps}",
             f"logging.dir={out / 'rl'}", "checkpoint.resume=never"]
+    if cfg.family != MODEL_FAMILY:  # the recipe's pixel budget is the default family's
+        lo, hi = image_pixels(cfg.family)
+        over += [f"model.min_pixels={lo}", f"model.max_pixels={hi}"]
     for i, family in enumerate(FAMILIES):
         over += [f"data.train.{i}.path={data_dir / family / 'train.jsonl'}",
                  f"data.val.{i}.path={data_dir / family / 'val.jsonl'}"]
@@ -229,12 +242,12 @@ def run_demo(out: Path, cfg: DemoConfig, extra_overrides: list[str] | None = Non
 
     torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
-    pixels = image_pixels()
+    pixels = image_pixels(cfg.family)
     timings: dict[str, float] = {}
     t_start = t = time.perf_counter()
     paths = make_data(out / "data", cfg)
     init_dir = build_model(out / "init", paths, cfg, pixels)
-    blind = blind_baseline(paths, pixels, init_dir)
+    blind = blind_baseline(paths)
     timings["data and model"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -242,8 +255,8 @@ def run_demo(out: Path, cfg: DemoConfig, extra_overrides: list[str] | None = Non
     timings["cold start"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    before = evaluate(out / "cold_start", paths, pixels, out / "test_before.jsonl")
-    shuffled_before = evaluate(out / "cold_start", paths, pixels, shuffle_seed=cfg.seed)
+    before = evaluate(out / "cold_start", paths, pixels, out / "test_before.jsonl", cfg.family)
+    shuffled_before = evaluate(out / "cold_start", paths, pixels, family=cfg.family, shuffle_seed=cfg.seed)
     timings["eval before"] = time.perf_counter() - t
     print("cold start, held-out test:", format_accuracies(before), flush=True)
 
@@ -252,8 +265,9 @@ def run_demo(out: Path, cfg: DemoConfig, extra_overrides: list[str] | None = Non
     timings["RL"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    after = evaluate(run_dir / "hf", paths, pixels, out / "test_after.jsonl")
-    shuffled = evaluate(run_dir / "hf", paths, pixels, out / "test_after_shuffled.jsonl", shuffle_seed=cfg.seed)
+    after = evaluate(run_dir / "hf", paths, pixels, out / "test_after.jsonl", cfg.family)
+    shuffled = evaluate(run_dir / "hf", paths, pixels, out / "test_after_shuffled.jsonl", cfg.family,
+                        shuffle_seed=cfg.seed)
     timings["eval after"] = time.perf_counter() - t
 
     families = {}
@@ -294,11 +308,14 @@ def format_accuracies(scores: dict[str, float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from vlm_sapo.demo_report import seeds_table
+    from vlm_sapo.models.tiny import FAMILIES as TINY_FAMILIES
 
     parser = argparse.ArgumentParser(prog="python -m vlm_sapo.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo", help="output folder (data, models, RL run, report)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="several seeds run one after another, "
                         "each in <out>/seed<k>, then a table of mean [min, max] per task family (<out>/seeds.md)")
+    parser.add_argument("--family", choices=TINY_FAMILIES, default=MODEL_FAMILY, help="the tiny policy's model family "
+                        "(qwen3_vl_moe: 4 experts, top-2 routing)")
     parser.add_argument("--rl-steps", type=int, default=DemoConfig.rl_steps)
     parser.add_argument("--sft-steps", type=int, default=DemoConfig.sft_steps)
     parser.add_argument("--threads", type=int, default=DemoConfig.threads, help="torch threads (1 is fastest for "
@@ -309,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     results = []
     for seed in args.seeds:
-        cfg = DemoConfig(seed=seed, rl_steps=args.rl_steps, sft_steps=args.sft_steps, threads=args.threads)
+        cfg = DemoConfig(seed=seed, family=args.family, rl_steps=args.rl_steps, sft_steps=args.sft_steps,
+                         threads=args.threads)
         out = Path(args.out) if len(args.seeds) == 1 else Path(args.out) / f"seed{seed}"
         results.append(run_demo(out, cfg, args.overrides))
     if len(results) > 1:

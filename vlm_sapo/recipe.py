@@ -196,6 +196,9 @@ class AlgorithmCfg(Strict):
     kl_coef: NonNegativeFloat = 0.0  # off by default, as in the SAPO paper
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     tis_cap: PositiveFloat | None = None  # truncated importance sampling for train/rollout mismatch; None: off
+    # MoE policies only: r2 replays the learner's old-policy experts in every update, r3 the rollout engine's
+    # (in the old-policy pass too); see vlm_sapo/models/routing.py
+    routing_replay: Literal["none", "r2", "r3"] = "none"
     overlong: OverlongCfg | None = None  # None: off
 
     @model_validator(mode="after")

@@ -67,7 +67,9 @@ from vlm_sapo.learner import Learner, dist_env
 from vlm_sapo.metrics_log import MetricsLog, read_metrics
 from vlm_sapo.models.loading import load_policy, load_processor, model_family
 from vlm_sapo.models.logprobs import build_policy_inputs
-from vlm_sapo.recipe import Recipe, dump_recipe
+from vlm_sapo.models.moe import is_moe
+from vlm_sapo.models.routing import routed_experts_batch, routing_shape, take_replay_counts
+from vlm_sapo.recipe import Recipe, RecipeError, dump_recipe
 from vlm_sapo.resume_guard import FORCE, ResumeRefused, check_resume
 from vlm_sapo.reward_pool import RewardPool, RewardSpec, ScoreResult
 from vlm_sapo.reward_signal import RewardSignal, reward_signal
@@ -194,6 +196,11 @@ class Trainer:
         model = load_policy(self.model_path, dtype=r.model.dtype, attn_implementation=r.model.attn_implementation,
                             trust_remote_code=r.model.trust_remote_code)
         self.family = model_family(model.config)
+        self.replay = r.algorithm.routing_replay
+        if self.replay != "none" and not is_moe(model.config):
+            raise RecipeError(str(r.name), [f"`algorithm.routing_replay: {self.replay}` needs a mixture-of-experts "
+                                            f"policy, but `model.path` ({r.model.path}) is a dense {self.family} model "
+                                            "with no router to replay; use `none`"])
         self.patch_size = int(model.config.vision_config.patch_size)
         self.coord_system = r.data.coord_system if r.data.coord_system != "auto" else coord_system_for_family(self.family)
         self.pad_id = self.processor.tokenizer.pad_token_id
@@ -289,9 +296,11 @@ class Trainer:
         if r.rollout.backend == "hf":
             from vlm_sapo.rollout.hf_engine import HFRolloutEngine
 
+            record = self.replay == "r3"
             if r.learner.zero_stage < 3:
-                return HFRolloutEngine(self.learner.policy, self.processor), True
-            return HFRolloutEngine.from_pretrained(self.model_path, self.processor, dtype=r.model.dtype), False
+                return HFRolloutEngine(self.learner.policy, self.processor, return_routed_experts=record), True
+            return HFRolloutEngine.from_pretrained(self.model_path, self.processor, dtype=r.model.dtype,
+                                                   return_routed_experts=record), False
         from vlm_sapo.rollout.vllm_engine import VLLMRolloutEngine
 
         max_len = r.rollout.max_model_len or r.data.max_prompt_tokens + r.rollout.max_new_tokens
@@ -302,7 +311,7 @@ class Trainer:
                                  max_videos_per_prompt=videos,
                                  gpu_memory_utilization=r.rollout.gpu_memory_utilization,
                                  kv_cache_gib=r.rollout.cpu_kvcache_gib, enforce_eager=r.rollout.enforce_eager or None,
-                                 seed=r.seed + self.rank), False
+                                 seed=r.seed + self.rank, return_routed_experts=self.replay == "r3"), False
 
     def _sync_weights(self) -> None:
         if not self.engine_shares_weights:
@@ -415,6 +424,9 @@ class Trainer:
             lp = scored.rollouts.completions[k].logprobs
             rollout_logp[i, start : start + len(lp)] = lp
         batch.pop("prompt_lengths")
+        if self.replay == "r3":  # the rollout's experts, replayed in the old-policy pass and every update
+            batch["routed_experts"] = routed_experts_batch(
+                [scored.rollouts.completions[k].routed_experts for k in rows], batch["input_ids"].shape[1])
         return batch, rollout_logp
 
     def train_step(self) -> tuple[dict[str, float], list[str]]:
@@ -472,7 +484,12 @@ class Trainer:
         kl_coef = r.algorithm.kl_coef
         for rows in minis:  # every mini-batch's old logprobs before the first update: pi_old is this step's policy
             batch, rollout_logp = self._policy_batch(scored, sorted(rows))
-            old_logp = None if on_policy else self.learner.compute_logprobs(batch)
+            if on_policy:  # (R2 is then a no-op: the update's own forward is the old-policy pass)
+                old_logp = None
+            elif self.replay == "r2":  # the old-policy pass's experts, replayed in every update
+                old_logp, batch["routed_experts"] = self.learner.compute_logprobs(batch, return_routing=True)
+            else:
+                old_logp = self.learner.compute_logprobs(batch)
             ref_logp = None
             if kl_coef > 0:  # the initial weights' logprobs, for the KL term
                 t_ref = time.perf_counter()
@@ -480,6 +497,8 @@ class Trainer:
                 timer["ref_logprobs"] = timer.get("ref_logprobs", 0.0) + time.perf_counter() - t_ref
             prepared.append((batch, rollout_logp, old_logp, ref_logp, adv[sorted(rows)]))
         timer["old_logprobs"] = time.perf_counter() - t0 - timer.get("ref_logprobs", 0.0)
+        if self.replay != "none":
+            metrics.update(_replay_metrics(self.learner.hf_model, scored, [b for b, *_ in prepared]))
 
         t0 = time.perf_counter()
         updates = []
@@ -509,6 +528,9 @@ class Trainer:
             if vals:
                 metrics[f"train/{key}"] = max(vals) if key.endswith("_max") else sum(vals) / len(vals)
         metrics["train/skipped_updates"] = float(sum(u["skipped"] for u in updates))
+        if self.replay != "none":
+            replayed, changed = take_replay_counts(self.learner.hf_model)
+            metrics["routing/replay_overrode_frac"] = changed / replayed if replayed else 0.0
         metrics.update(scored.rollouts.timing.as_metrics())
         metrics["batch/advantage_abs_mean"] = float(adv.abs().mean())
         metrics["time/step"] = time.perf_counter() - t_step
@@ -737,6 +759,19 @@ def _overlong_metrics(rsig: RewardSignal, cfg: Any) -> dict[str, float]:
 
 def _phase_times(timer: dict[str, float]) -> dict[str, float]:
     return {f"time/{k}": v for k, v in timer.items()}
+
+
+def _replay_metrics(model: torch.nn.Module, scored: _Scored, batches: list[dict]) -> dict[str, float]:
+    """What routing replay holds for a step: bytes of expert indices (the rollout's, R3, and the learner batches'),
+    and the routing shape. `take_replay_counts` is reset here so the step's update counts start at zero."""
+    layers, top_k, _ = routing_shape(model)
+    take_replay_counts(model)
+    rollout = sum(c.routed_experts.numel() * c.routed_experts.element_size()
+                  for c in scored.rollouts.completions if c.routed_experts is not None)
+    learner = sum(b["routed_experts"].numel() * b["routed_experts"].element_size() for b in batches
+                  if "routed_experts" in b)
+    return {"routing/rollout_index_bytes": float(rollout), "routing/learner_index_bytes": float(learner),
+            "routing/bytes_per_token": float(layers * top_k)}
 
 
 def train(recipe: Recipe, *, resume: str | None = None) -> Path:

@@ -347,6 +347,45 @@ def test_sapo_metrics_match_definitions():
     assert m["gate_bound_mean"] == pytest.approx(sum(bounds) / len(bounds), rel=1e-5)
 
 
+def _quantile(values: list[float], q: float) -> float:
+    """Linear interpolation between order statistics (numpy's and torch's default)."""
+    v = sorted(values)
+    pos = q * (len(v) - 1)
+    lo = math.floor(pos)
+    return v[lo] + (v[min(lo + 1, len(v) - 1)] - v[lo]) * (pos - lo)
+
+
+def test_sapo_gate_coefficient_per_advantage_sign():
+    """c = w r per token, by the sign of its advantage: mean, p50, p99 against a hand computation; 0 for a sign
+    no token has; and the figures README quotes (tau 1: c(3.5) = 0.98, c peaks at 1.57 near r = 2.06)."""
+    logp, old, adv, mask = make_batch(5, spread=0.8, token_adv=True)
+    adv[0, :2] = 0.0  # zero-advantage tokens belong to neither sign
+    _, _, m = run("sapo", logp, old, adv, mask)
+    coefs = {"pos": [], "neg": []}
+    for i in range(mask.shape[0]):
+        for t in range(mask.shape[1]):
+            if mask[i, t] == 0 or adv[i, t] == 0:
+                continue
+            r = math.exp(float(logp[i, t] - old[i, t]))
+            tau = 1.0 if adv[i, t] > 0 else 1.05
+            p = _sigmoid(tau * (r - 1))
+            coefs["pos" if adv[i, t] > 0 else "neg"].append(4 * p * (1 - p) * r)
+    for sign, c in coefs.items():
+        assert len(c) >= 5
+        assert m[f"gate_coef_{sign}_mean"] == pytest.approx(sum(c) / len(c), rel=1e-5)
+        assert m[f"gate_coef_{sign}_p50"] == pytest.approx(_quantile(c, 0.5), rel=1e-5)
+        assert m[f"gate_coef_{sign}_p99"] == pytest.approx(_quantile(c, 0.99), rel=1e-5)
+    _, _, only_pos = run("sapo", logp, old, adv.abs() + 0.1, mask)
+    assert only_pos["gate_coef_neg_mean"] == only_pos["gate_coef_neg_p99"] == 0.0
+    ratios = torch.tensor([[3.5, 2.06]])
+    _, _, at = run("sapo", ratios.log(), torch.zeros(1, 2), torch.tensor([1.0]), torch.tensor([[1.0, 0.0]]),
+                   tau_pos=1.0)
+    assert at["gate_coef_pos_mean"] == pytest.approx(0.98, abs=0.005)
+    _, _, peak = run("sapo", ratios.log(), torch.zeros(1, 2), torch.tensor([1.0]), torch.tensor([[0.0, 1.0]]),
+                     tau_pos=1.0)
+    assert peak["gate_coef_pos_mean"] == pytest.approx(1.57, abs=0.005)
+
+
 @pytest.mark.parametrize("name", LOSSES)
 def test_finite_at_extreme_ratios_and_empty_rows(name):
     B, T = 4, 5

@@ -113,3 +113,34 @@ def test_the_whole_demo_on_a_tiny_budget(tmp_path: Path) -> None:
     for name in ("summary.md", "reward.png", "accuracy.png", "answers.png", "math_examples.png",
                  "chart_examples.png", "grounding_examples.png"):
         assert (tmp_path / "report" / name).stat().st_size > 1000, name
+
+
+def test_moe_cold_start(demo_data: Path, tmp_path: Path) -> None:
+    """`--family qwen3_vl_moe`: the small-vocabulary builder makes a 4-expert top-2 Qwen3-VL-MoE, the 56-pixel images
+    are scaled to 64 so that each grid cell is one 32-pixel image token, and a few supervised steps lower the loss;
+    the cold-start checkpoint holds its experts in the released layout (what vLLM loads)."""
+    from safetensors import safe_open
+
+    from vlm_sapo.demo import DemoConfig, build_model, cold_start, image_pixels, split_paths
+    from vlm_sapo.models.loading import load_policy, load_processor
+    from vlm_sapo.sft import prepare_examples
+
+    paths = split_paths(demo_data)
+    cfg = DemoConfig(family="qwen3_vl_moe", sft_rows=8, sft_steps=6, sft_batch=8, vocab_size=320)
+    pixels = image_pixels(cfg.family)
+    assert (pixels, image_pixels()) == ((64 * 64, 96 * 96), (56 * 56, 84 * 84))
+    init = build_model(tmp_path / "init", paths, cfg, pixels)
+    model = load_policy(init, dtype="float32")
+    text = model.config.text_config
+    assert (model.config.model_type, text.num_experts, text.num_experts_per_tok) == ("qwen3_vl_moe", 4, 2)
+    assert text.vocab_size < 400 and model.config.tie_word_embeddings
+    samples = load_samples(demo_data / "grounding" / "train.jsonl", task="grounding").samples[:2]
+    ex = prepare_examples(load_processor(init), samples, family=cfg.family, min_pixels=pixels[0], max_pixels=pixels[1],
+                          patch_size=16)
+    assert all(e.prompt.model_input_sizes == [(64, 64)] for e in ex)
+    assert all(int((e.inputs["input_ids"] == model.config.image_token_id).sum()) == 4 for e in ex)
+    cold = cold_start(init, tmp_path / "cold", paths, cfg, pixels)
+    assert cold["loss_last"] < cold["loss_first"]
+    with safe_open(str(tmp_path / "cold" / "model.safetensors"), framework="pt") as f:
+        shape = f.get_slice("model.language_model.layers.0.mlp.experts.gate_up_proj").get_shape()
+    assert shape == [4, cfg.hidden_size, 2 * text.moe_intermediate_size]

@@ -1,4 +1,5 @@
-"""Fixtures for the learner tests: smaller-than-tiny Qwen2.5-VL / Qwen3-VL (fast DeepSpeed steps), a mixed batch."""
+"""Fixtures for the learner tests: smaller-than-tiny Qwen2.5-VL / Qwen3-VL / Qwen3-VL-MoE (fast DeepSpeed steps), a
+mixed batch."""
 
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ def small_qwen25_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def small_qwen3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_small(tmp_path_factory.mktemp("learner") / "small_qwen3_vl", "qwen3_vl")
+
+
+@pytest.fixture(scope="session")
+def small_qwen3_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_small(tmp_path_factory.mktemp("learner") / "small_qwen3_vl_moe", "qwen3_vl_moe")
 
 
 @pytest.fixture(scope="session")

@@ -34,6 +34,7 @@ SMALL_OVERRIDES = {
     "qwen3_vl": dict(_SMALL_COMMON, head_dim=16, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
                                                                   "mrope_interleaved": True, "rope_theta": 5e6}),
 }
+SMALL_OVERRIDES["qwen3_vl_moe"] = dict(SMALL_OVERRIDES["qwen3_vl"], moe_intermediate_size=24)  # 4 experts, top-2
 
 
 def build_small(out_dir: Path, family: str = "qwen2_5_vl") -> Path:

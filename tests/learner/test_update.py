@@ -74,16 +74,20 @@ def ref_grpo_seq(logp, old, adv, mask):
     return -(per_tok.sum(1) / m.sum(1)).mean()
 
 
-def reference_step(model_dir, batch, loss_of_logp, *, lr, eps, betas, weight_decay, grad_clip):
-    """What the learner must do, without DeepSpeed: whole batch, one AdamW step after clipping."""
+def reference_step(model_dir, batch, loss_of_logp, *, lr, eps, betas, weight_decay, grad_clip, routed=None):
+    """What the learner must do, without DeepSpeed: whole batch, one AdamW step after clipping (with `routed`, an MoE
+    policy's forward and backward replay those experts)."""
+    from vlm_sapo.models.routing import replay_routing
+
     model = load_model(model_dir)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     params = list(model.parameters())
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=lr, eps=eps, betas=betas)
-    loss = loss_of_logp(naive_logprobs(model, batch))
-    loss.backward()
+    with replay_routing(model, routed):
+        loss = loss_of_logp(naive_logprobs(model, batch))
+        loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     opt.step()
     after = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -99,9 +103,10 @@ def assert_same_update(before, after_a, after_b, rel=1e-4):
     assert worst <= rel * biggest, f"updates differ by {worst:.3g} (largest change {biggest:.3g})"
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
 def test_update_matches_hand_written_adamw_step(request, family):
-    small_qwen25_dir = request.getfixturevalue("small_qwen25_dir" if family == "qwen2_5_vl" else "small_qwen3_dir")
+    small_qwen25_dir = request.getfixturevalue({"qwen2_5_vl": "small_qwen25_dir", "qwen3_vl": "small_qwen3_dir",
+                                                "qwen3_vl_moe": "small_qwen3_moe_dir"}[family])
     policy_batch = make_batch(small_qwen25_dir)
     mask = policy_batch["completion_mask"]
     with torch.no_grad():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, GenerationConfig
 
 from vlm_sapo.models.tiny import build_tiny, main
 from vlm_sapo.models.tokenizer import qwen2_vocab_and_merges
@@ -35,9 +35,10 @@ QWEN_IDS = {
 }
 
 
-@pytest.fixture(params=["qwen2_5_vl", "qwen3_vl"])
+@pytest.fixture(params=["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
 def tiny_dir(request):
-    return request.getfixturevalue({"qwen2_5_vl": "tiny_qwen25_dir", "qwen3_vl": "tiny_qwen3_dir"}[request.param])
+    return request.getfixturevalue({"qwen2_5_vl": "tiny_qwen25_dir", "qwen3_vl": "tiny_qwen3_dir",
+                                    "qwen3_vl_moe": "tiny_qwen3_moe_dir"}[request.param])
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +58,12 @@ def test_reloads_through_auto_classes_with_qwen_ids(tiny_dir):
     processor = AutoProcessor.from_pretrained(tiny_dir)
     tok = processor.tokenizer
     assert type(tok).__name__ == "Qwen2Tokenizer"
-    assert type(processor).__name__ == {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}[family]
+    assert type(processor).__name__ == {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor",
+                                        "qwen3_vl_moe": "Qwen3VLProcessor"}[family]
     assert processor.video_processor is not None
     for token, idx in QWEN_IDS.items():
         assert tok.convert_tokens_to_ids(token) == idx, token
-    if family == "qwen3_vl":
+    if family.startswith("qwen3_vl"):
         assert tok.convert_tokens_to_ids("<think>") == 151667 and tok.convert_tokens_to_ids("</think>") == 151668
     assert (tok.eos_token, tok.eos_token_id, tok.pad_token, tok.pad_token_id) == (
         "<|im_end|>",
@@ -156,6 +158,8 @@ def test_overrides_seed_and_cli(tmp_path):
         build_tiny(tmp_path / "e", "qwen3_vl", head_dim=16)
     with pytest.raises(ValueError, match="perfect square"):
         build_tiny(tmp_path / "e", "qwen3_vl", vision_num_position_embeddings=50)
+    with pytest.raises(ValueError, match="makes an expert weight square"):  # 2 x 64 = hidden 128: layouts ambiguous
+        build_tiny(tmp_path / "e", "qwen3_vl_moe", moe_intermediate_size=64)
     assert not (tmp_path / "e").exists()
 
     # The CLI, on the third family (Qwen2-VL: its vision `hidden_size` is the merger output = text hidden).
@@ -164,3 +168,22 @@ def test_overrides_seed_and_cli(tmp_path):
     assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
     assert model.config.vision_config.hidden_size == model.config.text_config.hidden_size == 128
     assert AutoTokenizer.from_pretrained(tmp_path / "cli").convert_tokens_to_ids("<|im_end|>") == 151645
+
+
+def test_moe_family_writes_the_released_expert_layout(tiny_qwen3_moe_dir):
+    """4 experts, top-2, every layer sparse; the experts' fused weights on disk as the released Qwen3-VL-MoE
+    checkpoints hold them ([experts, hidden, 2 x inter] and [experts, inter, hidden], what vLLM loads), and
+    transformers' in-memory tensors are their transposes."""
+    config = AutoConfig.from_pretrained(tiny_qwen3_moe_dir).text_config
+    assert (config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size) == (4, 2, 96)
+    assert config.norm_topk_prob is True and config.mlp_only_layers == [] and config.tie_word_embeddings is False
+    disk = load_file(tiny_qwen3_moe_dir / "model.safetensors")
+    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen3_moe_dir, dtype=torch.float32)
+    params = dict(model.named_parameters())
+    for layer in range(2):
+        prefix = f"model.language_model.layers.{layer}.mlp."
+        assert disk[prefix + "experts.gate_up_proj"].shape == (4, 128, 192)
+        assert disk[prefix + "experts.down_proj"].shape == (4, 96, 128)
+        for name in ("experts.gate_up_proj", "experts.down_proj"):
+            assert torch.equal(params[prefix + name], disk[prefix + name].transpose(1, 2))
+        assert params[prefix + "gate.weight"].shape == (4, 128)

@@ -14,9 +14,10 @@ from vlm_sapo.models.tokenizer import non_text_token_ids
 EOS, PAD = 151645, 151643
 
 
-@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
 def tiny(request):
-    path = request.getfixturevalue({"qwen2_5_vl": "tiny_qwen25_dir", "qwen3_vl": "tiny_qwen3_dir"}[request.param])
+    path = request.getfixturevalue({"qwen2_5_vl": "tiny_qwen25_dir", "qwen3_vl": "tiny_qwen3_dir",
+                                    "qwen3_vl_moe": "tiny_qwen3_moe_dir"}[request.param])
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(path)
     return model, processor

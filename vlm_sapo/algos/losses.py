@@ -164,6 +164,12 @@ def _max(x: Tensor, where: Tensor) -> Tensor:
     return torch.where(where.any(), top, 0.0)
 
 
+def _quantile(x: Tensor, where: Tensor, q: float) -> Tensor:
+    """The q-quantile (linear interpolation) of x over `where`; 0 when `where` is empty."""
+    values = x[where].float()
+    return torch.quantile(values, q) if values.numel() else x.new_zeros((), dtype=torch.float32)
+
+
 def _floats(metrics: dict[str, Tensor]) -> dict[str, float]:
     values = torch.stack([v.detach().to(torch.float64) for v in metrics.values()]).tolist()  # one device sync
     return dict(zip(metrics, values))
@@ -225,9 +231,13 @@ def sapo_loss(
     off-policy token is down-weighted rather than dropped. tau_neg > tau_pos decays negative updates faster, because
     they push probability onto many unsampled tokens. The log-ratio is clamped to +-max_log_ratio before exp.
 
-    Metrics: the gate weight w (mean, fraction < 0.5), the per-sequence variance of log r over valid tokens (the
-    paper's Var_i; mean and max) and its bound (tau_i^2 / 4) Var_i on how far the token-averaged gate can sit from
-    the sequence-level gate (mean), plus the ratio's mean and max.
+    Metrics: the gate weight w (mean, fraction < 0.5); per advantage sign (pos: A > 0, neg: A < 0) the coefficient
+    c = w r of the token's gradient relative to the on-policy gradient A grad(log pi) (mean, p50, p99; 0 when no token
+    has that sign): w is relative to the raw importance-weighted gradient r A grad(log pi), so c, not w, says how much
+    of the on-policy step an off-policy token still takes (tau = 1: c peaks at about 1.57 near r = 2.06 and falls
+    below 1 only past r = 3.47); the per-sequence variance of log r over valid tokens (the paper's Var_i; mean and max)
+    and its bound (tau_i^2 / 4) Var_i on how far the token-averaged gate can sit from the sequence-level gate (mean),
+    plus the ratio's mean and max.
     """
     if not (tau_pos > 0 and tau_neg > 0):
         raise ValueError(f"sapo: tau_pos and tau_neg must be > 0, got {tau_pos!r}, {tau_neg!r}")
@@ -254,6 +264,11 @@ def sapo_loss(
             "ratio_mean": _mean(ratio, b.valid),
             "ratio_max": _max(ratio, b.valid),
         }
+        coef = weight * ratio  # c = w r: the token's gradient relative to the on-policy gradient
+        for sign, where in (("pos", b.valid & (b.adv > 0)), ("neg", b.valid & (b.adv < 0))):
+            metrics[f"gate_coef_{sign}_mean"] = _mean(coef, where)
+            metrics[f"gate_coef_{sign}_p50"] = _quantile(coef, where, 0.5)
+            metrics[f"gate_coef_{sign}_p99"] = _quantile(coef, where, 0.99)
     return loss, _floats(metrics)
 
 

@@ -52,6 +52,7 @@ from vlm_sapo.learner.reference import ReferencePolicy
 from vlm_sapo.learner.torch_engine import TorchEngine
 from vlm_sapo.learner.weights import hf_model, named_full_weights
 from vlm_sapo.models.logprobs import token_logprobs
+from vlm_sapo.models.routing import FREE, record_routing, replay_routing, routing_shape
 
 log = logging.getLogger(__name__)
 
@@ -204,17 +205,24 @@ class Learner:
         return self.engine(inputs, mask, entropy, self.temperature, chunk, data_parallel)
 
     @torch.no_grad()
-    def compute_logprobs(self, batch: dict, *, adapters: bool = True) -> torch.Tensor:
+    def compute_logprobs(self, batch: dict, *, adapters: bool = True,
+                         return_routing: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """log p(input_ids[t] | <t) as fp32 `[B, L]` on the batch's device, on completion tokens (0 elsewhere).
 
         This is old_logp for the first update on a batch. `adapters=False` (LoRA only) gives the base model's
-        log-probs: the reference policy for a KL term, at no extra memory.
+        log-probs: the reference policy for a KL term, at no extra memory. `return_routing` (MoE policies) also
+        returns the experts this pass routed every token to, int16 `[B, L, moe_layers, top_k]` (-1 on rows left out),
+        for routing replay R2 (`batch["routed_experts"]`, if present, is replayed here too).
         """
         if not adapters and not self.lora:
             raise ValueError("compute_logprobs(adapters=False) needs a LoRA learner; without adapters there is no "
                              "reference policy inside the learner")
         layout, (plan, passes) = self._layout(batch), self._plan(batch)
         out = torch.zeros(batch["input_ids"].shape, dtype=torch.float32, device=batch["input_ids"].device)
+        routed = None
+        if return_routing:
+            layers, top_k, _ = routing_shape(self.hf_model)
+            routed = torch.full((*batch["input_ids"].shape, layers, top_k), FREE, dtype=torch.int16)
         self.engine.eval()
         ctx = self.policy.disable_adapter() if not adapters else contextlib.nullcontext()
         with ctx:
@@ -222,10 +230,14 @@ class Learner:
                 mb = plan[min(i, len(plan) - 1)]
                 part = self._to_device(slice_batch(batch, mb, layout))
                 mask = part.pop("completion_mask", None)
-                logp, _ = self._forward(part, mask, entropy=False)
+                with record_routing(self.hf_model) if return_routing else contextlib.nullcontext() as rec:
+                    logp, _ = self._forward(part, mask, entropy=False)
                 if i < len(plan):
                     out[mb.rows.to(out.device), mb.col_start:mb.col_end] = logp.float().to(out.device)
-        return out
+                    if routed is not None:
+                        routed[mb.rows, mb.col_start:mb.col_end] = rec.calls[-1].view(*mask.shape, *routed.shape[2:]
+                                                                                       ).to("cpu", torch.int16)
+        return out if routed is None else (out, routed)
 
     @torch.no_grad()
     def compute_ref_logprobs(self, batch: dict) -> torch.Tensor:
@@ -323,6 +335,7 @@ class Learner:
 
         self.engine.train()
         logp_full = torch.zeros(shape, dtype=torch.float32)
+        replay = contextlib.ExitStack()
         for i in range(passes):
             real = i < len(plan)
             mb = plan[min(i, len(plan) - 1)]
@@ -330,6 +343,9 @@ class Learner:
             mask = part.pop("completion_mask")
             rows, cols = mb.rows, mb.cols
             a = adv[rows][:, cols].to(self.device)
+            # Routing replay (R2/R3: the batch's routed_experts) is held through the backward, whose recomputation
+            # under gradient checkpointing must route as the forward did.
+            replay.enter_context(replay_routing(self.hf_model, part.get("routed_experts")))
             logp, entropy = self._forward(part, mask, entropy=self.track_entropy)
             old = logp.detach().float() if on_policy else old_logp[rows][:, cols].to(self.device).float()
             loss, _ = loss_fn(logp.float(), old, a, mask, **hparams)
@@ -340,6 +356,7 @@ class Learner:
                 kl = aggregate(kl_penalty(logp.float(), ref, mask, kl_estimator), mask, mode, max_length=max_length)
                 total = loss + kl_coef * kl
             self.engine.backward(total * (weight * scale), scale_wrt_gas=False)
+            replay.close()
             if not real:
                 continue
             if kl_coef > 0:

@@ -14,12 +14,12 @@ from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+SUPPORTED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 def model_family(config: Any) -> str:
-    """'qwen2_vl' | 'qwen2_5_vl' | 'qwen3_vl' from a transformers config (or its `model_type` string)."""
+    """'qwen2_vl' | 'qwen2_5_vl' | 'qwen3_vl' | 'qwen3_vl_moe' from a transformers config (or its `model_type`)."""
     model_type = config if isinstance(config, str) else getattr(config, "model_type", None)
     if model_type not in SUPPORTED_FAMILIES:
         raise ValueError(
@@ -83,7 +83,7 @@ def load_policy(
     trust_remote_code: bool = False,
     device: str | None = None,
 ):
-    """A Qwen2-VL / Qwen2.5-VL / Qwen3-VL model for training or scoring.
+    """A Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3-VL-MoE model for training or scoring.
 
     dtype "auto" is bf16 on CUDA and fp32 on CPU (CPU bf16 matmuls are slow and make logprob checks noisy).
     `device` None means CUDA when available, else CPU.

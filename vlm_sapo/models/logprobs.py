@@ -21,6 +21,7 @@ import torch
 
 from vlm_sapo.models.rope import FAMILIES as ROPE_FIXED_FAMILIES
 from vlm_sapo.models.rope import continue_after_video
+from vlm_sapo.models.routing import replay_routing
 
 # Inputs that belong to the vision side and are concatenated over prompts (not padded per row).
 _VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
@@ -252,7 +253,8 @@ def token_logprobs(
     `inputs`: input_ids and attention_mask [B, T] (right padding from `build_policy_inputs`, or left padding),
     pixel_values / image_grid_thw (and video keys) for all images in row order, and mm_token_type_ids (derived from
     the image/video token ids when absent). `completion_mask` (default: `inputs["completion_mask"]` when present)
-    restricts the work to those tokens; the logprob and entropy of every other position are 0. Gradients flow to the
+    restricts the work to those tokens; the logprob and entropy of every other position are 0. `routed_experts`
+    ([B, T, moe_layers, top_k], MoE policies) replays those experts (`vlm_sapo.models.routing`). Gradients flow to the
     model unless called under `torch.no_grad()`; entropy never has a gradient.
     `impl`: "fused" (a custom autograd function, fastest), "checkpoint" (per-chunk checkpoint through the lm_head
     module, works with ZeRO-3 partitioned weights) or "auto" (fused unless the weight is partitioned).
@@ -279,14 +281,15 @@ def token_logprobs(
     if mm_types is None:
         mm_types = mm_token_type_ids_for(lm, input_ids)
     position_ids = rope_position_ids(lm, {**inputs, "mm_token_type_ids": mm_types})
-    hidden = lm.model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        mm_token_type_ids=mm_types,
-        use_cache=False,
-        **model_inputs,
-    ).last_hidden_state
+    with replay_routing(lm, inputs.get("routed_experts")):
+        hidden = lm.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            mm_token_type_ids=mm_types,
+            use_cache=False,
+            **model_inputs,
+        ).last_hidden_state
 
     # Hidden state at t-1 predicts token t: select only the scored targets before touching the vocabulary.
     sel = positions[:, 1:]

@@ -1,4 +1,4 @@
-"""Tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoints, built offline in seconds.
+"""Tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3-VL-MoE checkpoints, built offline in seconds.
 
 They are real checkpoints in every respect but size: the real Qwen2 vocabulary at Qwen's ids, the real chat template,
 the real processor classes, and a config the real model classes (transformers and vLLM) load. Tests, the demo and
@@ -17,9 +17,30 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .moe import check_layouts_distinct, save_policy
 from .tokenizer import QWEN2_VL_CHAT_TEMPLATE, check_qwen_vl_token_ids, qwen_vl_tokenizer
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+# Qwen3-VL-MoE is Qwen3-VL (same vision tower, processor, tokens and mRoPE) with sparse MoE blocks in the text model.
+_DENSE_BASE = {"qwen3_vl_moe": "qwen3_vl"}
+# A few experts, top-2 routing (Qwen3-VL-30B-A3B: 128 experts, top-8, an expert 768 wide beside hidden 2048): enough
+# experts that routing can change, small enough for a CPU.
+# `norm_topk_prob` is not a field of transformers' config (its router always renormalises the top-k weights) but the
+# real checkpoints' config.json carries it and vLLM's Qwen3-MoE block reads it.
+TINY_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 96, "decoder_sparse_step": 1,
+            "norm_topk_prob": True}
+
+
+def dense_base(family: str) -> str:
+    """The dense family whose vision tower, processor and tokens a family shares (itself for the dense ones)."""
+    return _DENSE_BASE.get(family, family)
+
+
+def image_token_pixels(family: str) -> int:
+    """Side in pixels of the square one image token covers (patch x spatial merge): 28, or 32 for Qwen3-VL."""
+    vision = _VISION_BY_FAMILY[dense_base(family)]
+    return int(vision["patch_size"]) * int(vision["spatial_merge_size"])
+
 VOCABS = ("qwen2",)
 QWEN2_PADDED_VOCAB = 151936  # Qwen's embedding rows: 151,643 regular + added tokens, padded for GPU efficiency
 
@@ -45,6 +66,7 @@ _TEXT_BY_FAMILY: dict[str, dict[str, Any]] = {
         },
     },
 }
+_TEXT_BY_FAMILY["qwen3_vl_moe"] = {**_TEXT_BY_FAMILY["qwen3_vl"], **TINY_MOE}
 _VISION_BY_FAMILY: dict[str, dict[str, Any]] = {
     "qwen2_vl": {
         "depth": 2,
@@ -105,6 +127,8 @@ def _classes(family: str) -> _FamilyClasses:
         return _FamilyClasses(tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLProcessor, tf.Qwen2VLVideoProcessor)
     if family == "qwen3_vl":
         return _FamilyClasses(tf.Qwen3VLConfig, tf.Qwen3VLProcessor, tf.Qwen3VLVideoProcessor)
+    if family == "qwen3_vl_moe":  # transformers has no Qwen3VLMoe processor: the checkpoints ship Qwen3VLProcessor
+        return _FamilyClasses(tf.Qwen3VLMoeConfig, tf.Qwen3VLProcessor, tf.Qwen3VLVideoProcessor)
     raise ValueError(f"unknown tiny model family {family!r}; choose one of {', '.join(FAMILIES)}")
 
 
@@ -119,7 +143,7 @@ def tiny_config(
     """The tiny config; `vision_<key>=` overrides the vision tower, any other key the text model."""
     classes = _classes(family)
     text = {**_TEXT, **_TEXT_BY_FAMILY[family], "vocab_size": vocab_size}
-    vision = dict(_VISION_BY_FAMILY[family])
+    vision = dict(_VISION_BY_FAMILY[dense_base(family)])
     text_cls = classes.config.sub_configs["text_config"]
     vision_cls = classes.config.sub_configs["vision_config"]
     for key, value in overrides.items():
@@ -136,17 +160,21 @@ def tiny_config(
     out_key = "hidden_size" if family == "qwen2_vl" else "out_hidden_size"
     if f"vision_{out_key}" not in overrides:
         vision[out_key] = text["hidden_size"]
-    if family == "qwen3_vl":
+    if dense_base(family) == "qwen3_vl":
         side = int(round(vision["num_position_embeddings"] ** 0.5))
         if side * side != vision["num_position_embeddings"]:
             raise ValueError(
                 f"qwen3_vl: vision num_position_embeddings must be a perfect square, "
                 f"got {vision['num_position_embeddings']}"
             )
+    if family == "qwen3_vl_moe":
+        check_layouts_distinct(text["hidden_size"], text["moe_intermediate_size"])
     head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
     section = text["rope_parameters"]["mrope_section"]
     if 2 * sum(section) != head_dim:
         raise ValueError(f"{family}: mrope_section {section} must sum to head_dim/2 = {head_dim // 2}")
+    if hasattr(text_cls(), "tie_word_embeddings"):  # Qwen3-VL-MoE's text config has its own flag (default True)
+        text["tie_word_embeddings"] = tie_word_embeddings
     text.update(
         bos_token_id=token_ids["<|endoftext|>"],
         eos_token_id=token_ids["<|im_end|>"],
@@ -168,13 +196,13 @@ def tiny_processor(family: str, tokenizer, *, min_pixels: int | None = None, max
     from transformers import Qwen2VLImageProcessor
 
     classes = _classes(family)
-    lo, hi = _PIXELS[family]
+    lo, hi = _PIXELS[dense_base(family)]
     min_pixels = lo if min_pixels is None else min_pixels
     max_pixels = hi if max_pixels is None else max_pixels
     if not 0 < min_pixels <= max_pixels:
         raise ValueError(f"need 0 < min_pixels <= max_pixels, got {min_pixels} and {max_pixels}")
     size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
-    if family == "qwen3_vl":
+    if dense_base(family) == "qwen3_vl":
         # Qwen3-VL's preprocessor: patch 16, mean/std 0.5 (real Qwen3-VL preprocessor_config.json).
         image_processor = Qwen2VLImageProcessor(
             size=size, patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3
@@ -256,7 +284,7 @@ def write_random_checkpoint(out: Path, config: Any, processor: Any, token_ids: d
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model.save_pretrained(tmp)
+        save_policy(model, tmp)
         processor.save_pretrained(tmp)
         _make_readable(tmp)
         if out.exists():

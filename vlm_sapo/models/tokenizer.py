@@ -207,9 +207,9 @@ def qwen2_base_tokenizer(tiktoken_path: Path | None = None, cache_dir: Path | No
 def qwen_vl_token_list(family: str) -> list[tuple[str, bool]]:
     """(token, is_special) in Qwen's id order from 151643 for a Qwen-VL family."""
     tokens = [(t, True) for t in QWEN_VL_SPECIAL_TOKENS]
-    if family in ("qwen2_5_vl", "qwen3_vl"):
+    if family in ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
         tokens += [(t, False) for t in QWEN25_ADDED_TOKENS]
-    if family == "qwen3_vl":
+    if family in ("qwen3_vl", "qwen3_vl_moe"):  # Qwen3-VL-MoE ships Qwen3-VL's tokenizer
         tokens += [(t, False) for t in QWEN3_ADDED_TOKENS]
     return tokens
 

@@ -20,6 +20,7 @@ offloads nothing: those weights are the ones being trained. generate holds no ca
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -29,6 +30,7 @@ import torch
 
 from vlm_sapo.models.logprobs import unwrap_causal_lm
 from vlm_sapo.models.rope import use_released_video_rope
+from vlm_sapo.models.routing import compact, record_routing, routing_shape
 from vlm_sapo.rollout.tokens import banned_token_ids, model_vocab_size, stop_token_ids
 from vlm_sapo.rollout.types import (
     Completion,
@@ -140,6 +142,16 @@ class _TemperatureLogprobs:
         return out
 
 
+def _fed_routing(calls: list[torch.Tensor], generated: torch.Size) -> torch.Tensor:
+    """[rows, prompt + steps - 1, moe_layers, top_k] from generate's forwards: the prefill over the (left-padded)
+    prompts, then one forward per generated token but the last."""
+    rows, steps = generated
+    if len(calls) != steps:
+        raise RolloutEngineError(f"hf engine: recorded routing for {len(calls)} forwards but generate made {steps} "
+                                 "tokens (one forward each)")
+    return torch.cat([c.view(rows, -1, *c.shape[1:]) for c in calls], dim=1).cpu()
+
+
 class _StopStrings:
     """Stopping criterion on the completion text only (as vLLM does), remembering where each row stopped."""
 
@@ -172,6 +184,8 @@ class HFRolloutEngine:
     is already in place) or a separate copy (`from_pretrained`, or `owns_model=True`: then `sleep` offloads it).
     `max_batch_prompts` bounds how many prompts (each repeated n times) go through one generate call; None puts all
     of them in one. `tokenizer` defaults to the processor's; `processor` may be None for `generate_from_inputs`.
+    `return_routed_experts` (MoE policies) records the experts the model's routers chose for every token it was fed,
+    prompt and completion (`Completion.routed_experts`), from the router itself during generate.
     """
 
     name = "hf"
@@ -185,11 +199,15 @@ class HFRolloutEngine:
         extra_banned_ids: Iterable[int] = (),
         owns_model: bool = False,
         tokenizer: Any = None,
+        return_routed_experts: bool = False,
     ):
         if max_batch_prompts is not None and max_batch_prompts < 1:
             raise ValueError(f"max_batch_prompts must be >= 1 or None, got {max_batch_prompts}")
         self.model = unwrap_causal_lm(model)
         use_released_video_rope(self.model)  # generate() places text after a video as vLLM and the learner do
+        self.return_routed_experts = return_routed_experts
+        if return_routed_experts:
+            self.num_experts = routing_shape(self.model)[2]  # refuses a dense model
         self.processor = processor
         self.tokenizer = tokenizer if tokenizer is not None else processor.tokenizer
         self.max_batch_prompts = max_batch_prompts
@@ -290,12 +308,13 @@ class HFRolloutEngine:
             with torch.no_grad(), torch.random.fork_rng(devices=devices, enabled=sampling.seed is not None):
                 if sampling.seed is not None:
                     torch.manual_seed(sampling.seed + first_index)
-                out = self.model.generate(
-                    **batch,
-                    generation_config=config,
-                    logits_processor=LogitsProcessorList([recorder]),
-                    stopping_criteria=StoppingCriteriaList([stops] if stops else []),
-                )
+                with record_routing(self.model) if self.return_routed_experts else contextlib.nullcontext() as rec:
+                    out = self.model.generate(
+                        **batch,
+                        generation_config=config,
+                        logits_processor=LogitsProcessorList([recorder]),
+                        stopping_criteria=StoppingCriteriaList([stops] if stops else []),
+                    )
         except Exception as err:
             raise RolloutEngineError(f"{self.label}: generate failed on prompts "
                                      f"{sample_ids[:8]}: {type(err).__name__}: {err}") from err
@@ -305,6 +324,7 @@ class HFRolloutEngine:
 
         generated = out[:, prompt_len:]
         logprobs = recorder.logprobs(generated).cpu()
+        routed = _fed_routing(rec.calls, generated.shape) if self.return_routed_experts else None
         rows = generated.tolist()
         stop_set = set(self.stop_ids)
         completions = []
@@ -334,6 +354,9 @@ class HFRolloutEngine:
                 finish_reason=reason,
                 text=self.tokenizer.decode(ids[:end], skip_special_tokens=True),
                 finish_s=recorder.stamps[end - 1] - t0,
+                routed_experts=None if routed is None else compact(
+                    routed[r, prompt_len - len(per_prompt[p]["input_ids"][0]) : prompt_len + end - 1],
+                    self.num_experts),
             ))
         return completions, sum(int(x["input_ids"].shape[-1]) for x in per_prompt)
 

@@ -80,6 +80,9 @@ class Completion:
     `completion_ids` end with the stop token (`<|im_end|>`, or the token that completed a stop string) when
     `finish_reason == "stop"`. `text` is their decoding without special tokens. `finish_s` is the time from the start
     of the `generate` call until this completion's last token (vLLM: until its prompt's group finished).
+    `routed_experts` (MoE policies, when the engine was asked to record them): the experts the engine routed each
+    token to, [len(prompt_ids) + len(completion_ids) - 1, moe_layers, top_k] (uint8), for every token the engine fed
+    to the model (the last completion token never is).
     """
 
     prompt_index: int
@@ -91,11 +94,16 @@ class Completion:
     finish_reason: FinishReason
     text: str
     finish_s: float
+    routed_experts: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.logprobs.dtype != torch.float32 or self.logprobs.shape != (len(self.completion_ids),):
             raise ValueError(f"sample {self.sample_id!r}: logprobs must be fp32 of shape ({len(self.completion_ids)},),"
                              f" got {self.logprobs.dtype} {tuple(self.logprobs.shape)}")
+        fed = len(self.prompt_ids) + len(self.completion_ids) - 1
+        if self.routed_experts is not None and (self.routed_experts.dim() != 3 or self.routed_experts.shape[0] != fed):
+            raise ValueError(f"sample {self.sample_id!r}: routed_experts must be [{fed}, moe_layers, top_k] (prompt + "
+                             f"completion - 1 tokens), got {tuple(self.routed_experts.shape)}")
 
 
 @dataclass

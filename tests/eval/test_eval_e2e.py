@@ -172,6 +172,8 @@ def test_evaluate_api_counts_long_prompts(tiny_qwen25_dir, shared_data):
     chart = results.benchmarks["chartqa"]
     assert chart.dropped == {"too_long": len(lengths) - kept} and chart.questions == kept
     assert chart.overall["pass@1"].method == "wilson" and list(chart.overall) == ["pass@1"]
-    assert set(results.metrics()) == {"eval/chartqa/pass@1"}
+    assert set(results.metrics()) == {"eval/chartqa/pass@1", "eval/chartqa/answers/distinct",
+                                      "eval/chartqa/answers/top_share"}
+    assert chart.answers["count"] == kept and 1 <= results.metrics()["eval/chartqa/answers/distinct"] <= kept
     assert engine.model is not None  # the caller's engine is left open
     engine.close()

@@ -95,8 +95,11 @@ def make_prompts(tok, count: int, grid: int, seed: int) -> list[dict[str, torch.
 
 
 def synthetic_rewards(rollouts) -> torch.Tensor:
-    """A reward with variance inside each group: the share of even token ids in the completion."""
-    vals = [sum(t % 2 == 0 for t in c.completion_ids) / max(len(c.completion_ids), 1) for c in rollouts.completions]
+    """A reward with variance inside each group: the share of even token ids in the completion, plus a tie-break
+    by the sum of the ids (1e-6 per id unit), so that a group never scores all-equal (which gives zero advantages and
+    no gradient: measured on CPU, a tiny run with G = 2 drew such a step now and then)."""
+    vals = [sum(t % 2 == 0 for t in c.completion_ids) / max(len(c.completion_ids), 1)
+            + 1e-6 * (sum(c.completion_ids) % 1000) for c in rollouts.completions]
     return torch.tensor(vals, dtype=torch.float32).view(rollouts.num_prompts, rollouts.group_size)
 
 

@@ -264,6 +264,8 @@ BAD_ROWS = [
     ({"id": "r14", "images": [], "question": "q", "answer": 1}, "images", "image list is empty"),
     ({"id": "r15", "image": "http://x.org/a.png", "question": "q", "answer": 1}, "image", "URLs are not fetched"),
     ('{"id": "r16", "image": ', None, "invalid JSON"),
+    ({"id": "r17", "images": ["ok.png", "ok.png"], "question": "a <image> b", "answer": 1}, "question",
+     "question has 1 '<image>' placeholder(s) for 2 image(s)"),
     ({"id": "ok", "image": "ok.png", "question": "again", "answer": 1}, "id", "duplicate id 'ok' (first at line 1)"),
     ({"id": "", "image": "ok.png", "question": "q", "answer": 1}, "id", "id is empty"),
 ]

@@ -120,6 +120,28 @@ def test_multiple_images_text_layout_and_system(family):
     assert user_text("q", "") == "q"
 
 
+def test_image_placeholders_put_each_image_where_it_stands(family):
+    processor, patch, lo, hi = family
+    factor = 2 * patch
+    vision = "<|vision_start|><|image_pad|><|vision_end|>"
+    s = sample(noise(64, 64), noise(200, 100, seed=1), question="Left: <image> right: <image> which is larger?")
+    rendered = render(processor, s, patch, lo, hi, instruction="Reply A or B.")
+    assert f"<|im_start|>user\nLeft:{vision}right:{vision}which is larger?\nReply A or B.<|im_end|>" in rendered.text
+    inputs = prompt_model_inputs(processor, rendered)
+    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    sizes = (reference_resize(64, 64, factor, lo, hi), reference_resize(200, 100, factor, lo, hi))
+    assert int((inputs["input_ids"] == image_id).sum()) == sum((w // factor) * (h // factor) for w, h in sizes)
+    # the question first, then its image: the image tokens come after every question token
+    question_ids = processor.tokenizer("Find it.", add_special_tokens=False)["input_ids"]
+    r1 = render(processor, sample(noise(64, 64), question="Find it. <image>"), patch, lo, hi, instruction="")
+    assert f"Find it.{vision}<|im_end|>" in r1.text
+    ids1 = prompt_model_inputs(processor, r1)["input_ids"][0].tolist()
+    start = next(i for i in range(len(ids1)) if ids1[i:i + len(question_ids)] == question_ids)
+    assert start + len(question_ids) <= ids1.index(image_id)
+    with pytest.raises(DataError, match=r"sample 's2'.* 1 '<image>' placeholder\(s\) for 2 image\(s\)"):
+        render(processor, sample(noise(64, 64), noise(64, 64), question="Only <image>", sid="s2"), patch, lo, hi)
+
+
 def test_over_long_prompts_dropped_or_fail_never_truncated(family):
     processor, patch, lo, hi = family
     factor = 2 * patch

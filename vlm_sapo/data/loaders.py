@@ -218,6 +218,10 @@ def _build_sample(record: dict[str, Any], index: int, stem: str, task: str, colu
             raise _RowError(col, str(err)) from err
         refs.append(ref)
 
+    placeholders = question.count("<image>")  # see `vlm_sapo.data.prompts.user_content`
+    if placeholders and placeholders != len(refs):
+        raise _RowError(question_col, f"question has {placeholders} '<image>' placeholder(s) for {len(refs)} "
+                                      "image(s); give one per image, or none (images then come first)")
     video = _video_ref(record[video_col], video_col, base, allow_absolute, limits, videos) if has_video else None
     used = {id_col, image_col, question_col, answer_col, video_col}
     meta = {k: v for k, v in record.items() if k not in used}

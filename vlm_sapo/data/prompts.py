@@ -114,6 +114,32 @@ def user_text(question: str, instruction: str) -> str:
     return f"{question}\n{instruction}" if instruction else question
 
 
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def user_content(sample: Sample, n_images: int, n_videos: int, instruction: str) -> list[dict[str, str]]:
+    """The user turn: the images (then the video) before the question and its instruction, or, where the question
+    holds `<image>` placeholders (one per image, as in LLaVA-style and EasyR1 data), each image where its
+    placeholder stands: the model then reads the question before the image, and the image tokens can attend to it."""
+    parts = sample.question.split(IMAGE_PLACEHOLDER)
+    if len(parts) == 1:
+        content: list[dict[str, str]] = [{"type": "image"} for _ in range(n_images)]
+        content += [{"type": "video"} for _ in range(n_videos)]
+        return content + [{"type": "text", "text": user_text(sample.question, instruction)}]
+    if len(parts) - 1 != n_images:
+        raise DataError(f"sample {sample.id!r}: the question has {len(parts) - 1} {IMAGE_PLACEHOLDER!r} "
+                        f"placeholder(s) for {n_images} image(s); give one per image, or none")
+    content = [{"type": "video"} for _ in range(n_videos)]
+    for k, text in enumerate(parts):
+        if k == len(parts) - 1:
+            text = user_text(text.strip(), instruction)
+        if text.strip():
+            content.append({"type": "text", "text": text.strip()})
+        if k < n_images:
+            content.append({"type": "image"})
+    return content
+
+
 def _patch_factor(processor: Any, image_patch_size: int) -> int:
     ip = processor.image_processor
     patch = getattr(ip, "patch_size", None)
@@ -137,7 +163,7 @@ def render_prompt(
     max_prompt_tokens: int | None,
     system: str | None = None,
 ) -> RenderedPrompt:
-    """Chat-template the sample (images, then question + instruction) and resize its images for the model.
+    """Chat-template the sample (images, then question + instruction; see `user_content`) and resize its images for the model.
 
     Raises `PromptTooLongError` over `max_prompt_tokens` and `DataError` (naming the sample) for images that cannot
     be loaded or resized; `ValueError` for settings that do not fit the processor.
@@ -169,8 +195,7 @@ def render_prompt(
 
     videos = [] if sample.video is None else [_render_video(processor, sample, factor, image_patch_size)]
 
-    content: list[dict[str, str]] = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos]
-    content.append({"type": "text", "text": user_text(sample.question, instruction)})
+    content = user_content(sample, len(images), len(videos), instruction)
     messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system is not None else []
     messages.append({"role": "user", "content": content})
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -92,6 +92,7 @@ def make_data(out: Path, cfg: DemoConfig) -> dict[str, dict[str, Path]]:
 def tokenizer_corpus(paths: dict[str, dict[str, Path]], family: str = MODEL_FAMILY) -> list[str]:
     """What the model will read and write: every train question with its task instruction and gold completion."""
     from vlm_sapo.data import Sample
+    from vlm_sapo.data.sample import IMAGE_PLACEHOLDER
     from vlm_sapo.synthetic import gold_completion
     from vlm_sapo.tasks import coord_system_for_family, get_task
 
@@ -101,7 +102,8 @@ def tokenizer_corpus(paths: dict[str, dict[str, Path]], family: str = MODEL_FAMI
         for line in splits["train"].read_text().splitlines():
             row = json.loads(line)
             s = Sample(row["id"], family, [], row["question"], row["answer"], {**row, "coord_system": coords})
-            texts.append(f"{s.question}\n{get_task(family).instruction(s)}\n{gold_completion(family, s.answer)}")
+            question = s.question.replace(IMAGE_PLACEHOLDER, "").strip()  # the image's tokens are not text
+            texts.append(f"{question}\n{get_task(family).instruction(s)}\n{gold_completion(family, s.answer)}")
     return texts
 
 

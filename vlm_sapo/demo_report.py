@@ -11,6 +11,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from vlm_sapo.data.sample import IMAGE_PLACEHOLDER
+
 FAMILIES = ("math", "chart", "grounding")
 GAIN = 10.0  # points over the cold start that count as RL teaching something
 MARGIN = 15.0  # points above the blind baseline and the image-shuffled score
@@ -139,7 +141,7 @@ def example_grid(family: str, samples: list[Any], before: dict[str, dict], after
                     ax.add_patch(Rectangle((box[0] - 0.5, box[1] - 0.5), box[2] - box[0], box[3] - box[1], fill=False,
                                            edgecolor=colour, linewidth=2 if rec is None else 1.5))
         gold = json.dumps(s.answer) if family == "grounding" else str(s.answer)
-        ax.set_title(f"{s.question[:28]}\ngold {gold}", fontsize=7)
+        ax.set_title(f"{s.question.replace(IMAGE_PLACEHOLDER, '').strip()[:28]}\ngold {gold}", fontsize=7)
         ax.set_xlabel(f"before {_answer_text(b['completion'])}  |  after {_answer_text(a['completion'])}", fontsize=7,
                       color="green" if a["accuracy"] >= 1 else "red")
     for ax in list(axes.flat)[len(rows):]:

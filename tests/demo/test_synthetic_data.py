@@ -128,7 +128,7 @@ def test_grounding_boxes_are_the_tight_box_of_the_described_shape(data: Path) ->
     fill = {"square": (0.99, 1.01), "circle": (0.70, 0.86), "triangle": (0.42, 0.62)}
     for split in ("train", "val", "test"):
         for row in _rows(data / "grounding" / f"{split}.jsonl"):
-            colour, kind = re.fullmatch(r"Find the (\w+) (\w+)\.", row["question"]).groups()
+            colour, kind = re.fullmatch(r"Find the (\w+) (\w+)\. <image>", row["question"]).groups()
             px = _pixels(data, "grounding", row)
             # each 28-pixel cell's background is its own grey: where an object is, not only what, is in its token
             corners = {tuple(px[r * 28 + 1, c * 28 + 1]) for r in range(2) for c in range(2)}

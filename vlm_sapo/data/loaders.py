@@ -33,7 +33,7 @@ from vlm_sapo.data.images import (
     ImageRef,
     open_image,
 )
-from vlm_sapo.data.sample import Sample
+from vlm_sapo.data.sample import IMAGE_PLACEHOLDER, Sample
 from vlm_sapo.data.videos import VideoError, VideoRef, probe_video_file
 
 FIELDS = ("id", "images", "question", "answer", "video")
@@ -218,7 +218,7 @@ def _build_sample(record: dict[str, Any], index: int, stem: str, task: str, colu
             raise _RowError(col, str(err)) from err
         refs.append(ref)
 
-    placeholders = question.count("<image>")  # see `vlm_sapo.data.prompts.user_content`
+    placeholders = question.count(IMAGE_PLACEHOLDER)  # see `vlm_sapo.data.prompts.user_content`
     if placeholders and placeholders != len(refs):
         raise _RowError(question_col, f"question has {placeholders} '<image>' placeholder(s) for {len(refs)} "
                                       "image(s); give one per image, or none (images then come first)")

@@ -29,7 +29,7 @@ from PIL import Image
 
 from vlm_sapo.data.images import ImageError
 from vlm_sapo.data.loaders import DataError
-from vlm_sapo.data.sample import Sample
+from vlm_sapo.data.sample import IMAGE_PLACEHOLDER, Sample
 
 SPATIAL_MERGE_SIZE = 2  # qwen-vl-utils' constant; checked against the processor's merge_size
 
@@ -112,9 +112,6 @@ class RenderResult:
 def user_text(question: str, instruction: str) -> str:
     """The question followed by the task's format instruction, on its own line."""
     return f"{question}\n{instruction}" if instruction else question
-
-
-IMAGE_PLACEHOLDER = "<image>"
 
 
 def user_content(sample: Sample, n_images: int, n_videos: int, instruction: str) -> list[dict[str, str]]:

@@ -10,6 +10,8 @@ from PIL import Image
 from vlm_sapo.data.images import ImageRef, to_rgb
 from vlm_sapo.data.videos import DecodedVideo, VideoRef, load_video
 
+IMAGE_PLACEHOLDER = "<image>"  # in a question: where an image stands (see `vlm_sapo.data.prompts.user_content`)
+
 
 @dataclass
 class Sample:

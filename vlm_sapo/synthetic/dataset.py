@@ -14,6 +14,7 @@ import random
 from dataclasses import asdict
 from pathlib import Path
 
+from vlm_sapo.data.sample import IMAGE_PLACEHOLDER
 from vlm_sapo.synthetic.tasks import (
     FAMILIES,
     GENERATORS,
@@ -85,7 +86,10 @@ def make_synthetic_data(out_dir: str | Path, *, seed: int = 0, n_train: int = 10
             lines = []
             for i, item in enumerate(split_items[split]):
                 row_id = f"{family}-{split}-{i:05d}"
-                row = {"id": row_id, "question": item.question, "answer": item.answer, **item.meta}
+                question = item.question
+                if family in cfg.question_first and not item.frames:
+                    question = f"{question} {IMAGE_PLACEHOLDER}"
+                row = {"id": row_id, "question": question, "answer": item.answer, **item.meta}
                 if item.frames:  # a video: its frames as PNGs, listed in order
                     row["video"] = [f"images/{split}/{row_id}-{k}.png" for k in range(len(item.frames))]
                     for rel, frame in zip(row["video"], item.frames):

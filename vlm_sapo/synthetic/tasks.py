@@ -51,6 +51,11 @@ class SyntheticConfig:
     # cells apart (measured: it never located even a lone shape in 400 supervised steps).
     grounding_shades: tuple[tuple[int, int, int], ...] = ((255, 255, 255), (200, 200, 200), (145, 145, 145),
                                                           (90, 90, 90))
+    # Families whose question is written before its image (an `<image>` placeholder after it, see
+    # `vlm_sapo.data.prompts.user_content`), so that the image tokens can attend to the question. Grounding needs it
+    # (which cell holds the named shape?); math and chart ask one fixed question and do not. Measured on the demo
+    # (README "The demo"): grounding with the image first 39.5 -> 36.0% under RL (seed 0), question first 26.5 -> 38.5%.
+    question_first: tuple[str, ...] = ("grounding",)
     motion_side: int = 56  # pixels of each motion frame
     motion_frames: int = 4  # frames per motion video
     motion_step: tuple[int, int] = (4, 8)  # pixels the shape moves from one frame to the next (drawn per video)
@@ -62,6 +67,8 @@ class SyntheticConfig:
         unknown = [c for c in self.colours if c not in COLOURS] + [s for s in self.shapes if s not in SHAPES]
         if unknown:
             raise ValueError(f"unknown colours/shapes {unknown}; known: {list(COLOURS)}, {list(SHAPES)}")
+        if set(self.question_first) - set(FAMILIES):
+            raise ValueError(f"question_first {self.question_first}: image families are {FAMILIES}")
         if self.chart_side % CELL:
             raise ValueError(f"chart_side ({self.chart_side}) must be a multiple of {CELL}")
         for jitter in (self.jitter, self.grounding_jitter):

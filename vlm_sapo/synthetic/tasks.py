@@ -54,7 +54,8 @@ class SyntheticConfig:
     # Families whose question is written before its image (an `<image>` placeholder after it, see
     # `vlm_sapo.data.prompts.user_content`), so that the image tokens can attend to the question. Grounding needs it
     # (which cell holds the named shape?); math and chart ask one fixed question and do not. Measured on the demo
-    # (README "The demo"): grounding with the image first 39.5 -> 36.0% under RL (seed 0), question first 26.5 -> 38.5%.
+    # (README "The demo", seeds 0-4): grounding after RL 36.2% [32.0, 45.0] with the image first, 40.9% [29.0, 48.5]
+    # with the question first.
     question_first: tuple[str, ...] = ("grounding",)
     motion_side: int = 56  # pixels of each motion frame
     motion_frames: int = 4  # frames per motion video

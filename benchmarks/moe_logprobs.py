@@ -88,10 +88,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-vllm", action="store_true")
     args = parser.parse_args(argv)
     from vlm_sapo.models.loading import load_policy, load_processor
+    from vlm_sapo.models.tiny import resolve_tiny
     from vlm_sapo.rollout.hf_engine import HFRolloutEngine
-    from vlm_sapo.trainer import resolve_model_path
 
-    path = resolve_model_path(args.model)
+    path = resolve_tiny(args.model)
     processor = load_processor(path)
     model = load_policy(path, dtype="float32", device="cpu").eval()
     rendered = prompts(processor)

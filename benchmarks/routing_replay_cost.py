@@ -61,12 +61,12 @@ def micro(args: argparse.Namespace, repeats: int = 15) -> None:
     from vlm_sapo.models.loading import load_policy, load_processor
     from vlm_sapo.models.logprobs import build_policy_inputs, token_logprobs
     from vlm_sapo.models.routing import routed_experts_batch
+    from vlm_sapo.models.tiny import resolve_tiny
     from vlm_sapo.rollout import SamplingConfig
     from vlm_sapo.rollout.hf_engine import HFRolloutEngine
-    from vlm_sapo.trainer import resolve_model_path
 
     torch.set_num_threads(1)
-    path = resolve_model_path(args.model)
+    path = resolve_tiny(args.model)
     processor = load_processor(path)
     model = load_policy(path, dtype="float32", device="cpu")
     rendered = prompts(processor)

@@ -39,8 +39,8 @@ def _dataset(work: Work, model: str, rows: str, processor):
 
     from vlm_sapo.data import load_samples
     from vlm_sapo.data.prompts import user_text
-    from vlm_sapo.eval.prompting import render_task_prompt
     from vlm_sapo.tasks import get_task
+    from vlm_sapo.tasks.prompting import render_task_prompt
 
     out = []
     for sample in load_samples(rows, task=work.task).samples:

@@ -63,9 +63,9 @@ def _eval(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     model = args.model
     if model.startswith("tiny:"):
-        from vlm_sapo.trainer import resolve_model_path
+        from vlm_sapo.models.tiny import resolve_tiny
 
-        model = resolve_model_path(model)
+        model = resolve_tiny(model)
     from vlm_sapo.eval.harness import run_eval
     from vlm_sapo.eval.report import console_report
 

@@ -129,9 +129,9 @@ def load_split(paths: dict[str, dict[str, Path]], split: str, limit: int | None 
 def cold_start(init_dir: Path, out: Path, paths: dict[str, dict[str, Path]], cfg: DemoConfig,
                pixels: tuple[int, int]) -> dict[str, Any]:
     """Supervised warm-up of the random model; saves the policy and its processor to `out`."""
-    from vlm_sapo.learner.lora import freeze_vision_params
     from vlm_sapo.models.loading import load_policy, load_processor
     from vlm_sapo.models.moe import save_policy
+    from vlm_sapo.models.vision import freeze_vision_params
     from vlm_sapo.sft import prepare_examples, supervised_warmup
     from vlm_sapo.synthetic import gold_completion
 

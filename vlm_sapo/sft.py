@@ -23,10 +23,10 @@ from typing import Any
 import torch
 
 from vlm_sapo.data import Sample, prompt_model_inputs
-from vlm_sapo.eval.prompting import render_task_prompt
 from vlm_sapo.models.logprobs import build_policy_inputs, token_logprobs
 from vlm_sapo.tasks import coord_system_for_family, get_task
 from vlm_sapo.tasks.answers import answer_spread, parse_answers, warn_if_collapsed
+from vlm_sapo.tasks.prompting import render_task_prompt
 
 log = logging.getLogger(__name__)
 

@@ -62,13 +62,13 @@ from vlm_sapo.data.mix import TaskMixSampler
 from vlm_sapo.data.prompts import PromptTooLongError, RenderedPrompt
 from vlm_sapo.data.sample import Sample
 from vlm_sapo.eval import evaluate, load_benchmark
-from vlm_sapo.eval.prompting import render_task_prompt
 from vlm_sapo.learner import Learner, dist_env
 from vlm_sapo.metrics_log import MetricsLog, read_metrics
 from vlm_sapo.models.loading import load_policy, load_processor, model_family
 from vlm_sapo.models.logprobs import build_policy_inputs
 from vlm_sapo.models.moe import is_moe
 from vlm_sapo.models.routing import routed_experts_batch, routing_shape, take_replay_counts
+from vlm_sapo.models.tiny import resolve_tiny
 from vlm_sapo.recipe import Recipe, RecipeError, dump_recipe
 from vlm_sapo.resume_guard import FORCE, ResumeRefused, check_resume
 from vlm_sapo.reward_pool import RewardPool, RewardSpec, ScoreResult
@@ -76,11 +76,11 @@ from vlm_sapo.reward_signal import RewardSignal, reward_signal
 from vlm_sapo.rollout import RolloutEngineError, Rollouts, SamplingConfig
 from vlm_sapo.tasks import coord_system_for_family, default_reward_specs, get_task
 from vlm_sapo.tasks.answers import AnswerSpread, answer_spread, parse_answers, warn_if_collapsed
+from vlm_sapo.tasks.prompting import render_task_prompt
 from vlm_sapo.weight_digest import DIGEST_ENV, record_weight_digest
 
 log = logging.getLogger(__name__)
 
-TINY_PREFIX = "tiny:"
 FAULT_ENV = "VLM_SAPO_FAULT"
 RESTARTS_ENV = "VLM_SAPO_ENGINE_RESTARTS"  # "<restarts>:<step the engine last died at>", set across re-executions
 MAX_ENGINE_RESTARTS = 3
@@ -88,24 +88,6 @@ MAX_ENGINE_RESTARTS = 3
 
 class TrainingError(RuntimeError):
     """The run cannot go on (repeated non-finite updates, a dead engine, no usable data); the message says why."""
-
-
-def resolve_model_path(path: str) -> str:
-    """`tiny:<family>` builds (once, cached) a tiny random Qwen-VL offline; anything else is returned as is."""
-    if not path.startswith(TINY_PREFIX):
-        return path
-    import hashlib
-
-    import vlm_sapo.models.tiny as tiny
-    import vlm_sapo.models.tokenizer as tok
-
-    family = path[len(TINY_PREFIX):]
-    # keyed by the builder's source, so a changed builder never serves a stale cached model
-    digest = hashlib.sha256(Path(tiny.__file__).read_bytes() + Path(tok.__file__).read_bytes()).hexdigest()[:12]
-    out = tok.default_cache_dir() / "tiny" / f"{family}-{digest}"
-    if not (out / "config.json").is_file():
-        tiny.build_tiny(out, family=family)
-    return str(out)
 
 
 @dataclass
@@ -187,7 +169,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "recipe.yaml").write_text(dump_recipe(r))
 
-        self.model_path = resolve_model_path(r.model.path)
+        self.model_path = resolve_tiny(r.model.path)
         self.processor = load_processor(self.model_path, min_pixels=r.model.min_pixels, max_pixels=r.model.max_pixels,
                                         trust_remote_code=r.model.trust_remote_code,
                                         video_min_pixels=r.model.video_min_pixels,

@@ -152,10 +152,11 @@ def test_compare_deltas_and_marks(tmp_path, capsys):
 
 def test_evaluate_api_counts_long_prompts(tiny_qwen25_dir, shared_data):
     """`evaluate` as the trainer calls it: an engine it does not own, benchmarks already loaded, a prompt limit."""
-    from vlm_sapo.eval import evaluate, render_task_prompt
+    from vlm_sapo.eval import evaluate
     from vlm_sapo.models.loading import load_processor
     from vlm_sapo.rollout import SamplingConfig
     from vlm_sapo.rollout.hf_engine import HFRolloutEngine
+    from vlm_sapo.tasks.prompting import render_task_prompt
 
     processor = load_processor(tiny_qwen25_dir)
     bench = load_benchmark("chartqa=multichartqa_single", data_root=shared_data, limit=6)

@@ -63,8 +63,8 @@ def test_grounding_instruction_follows_the_coordinate_system():
 
 
 def test_a_rows_own_instruction_replaces_the_tasks_in_the_rendered_prompt(tiny_qwen25_dir):
-    from vlm_sapo.eval.prompting import render_task_prompt
     from vlm_sapo.models.loading import load_processor
+    from vlm_sapo.tasks.prompting import render_task_prompt
 
     own = Sample("o", "math", [], "How many?", "3", {"instruction": "Answer in <answer> </answer>."})
     plain = Sample("p", "math", [], "How many?", "3", {"instruction": "  "})

@@ -13,7 +13,6 @@ from vlm_sapo.eval.benchmarks import (
     register_benchmark,
 )
 from vlm_sapo.eval.harness import evaluate, read_predictions, run_eval, score_predictions
-from vlm_sapo.eval.prompting import render_task_prompt
 from vlm_sapo.eval.report import compare_results, load_results, write_results
 from vlm_sapo.eval.results import BenchmarkResult, EvalResults, Prediction
 from vlm_sapo.eval.stats import Estimate, pass_at_k, summarize, wilson_interval
@@ -37,7 +36,6 @@ __all__ = [
     "pass_at_k",
     "read_predictions",
     "register_benchmark",
-    "render_task_prompt",
     "run_eval",
     "score_predictions",
     "summarize",

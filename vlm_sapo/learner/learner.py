@@ -45,7 +45,7 @@ from vlm_sapo.algos import (
 )
 from vlm_sapo.learner import dist_env
 from vlm_sapo.learner.ds_config import build_ds_config
-from vlm_sapo.learner.lora import apply_lora, freeze_vision_params, vision_tower
+from vlm_sapo.learner.lora import apply_lora
 from vlm_sapo.learner.micro_batches import BatchLayout, MicroBatch, batch_layout, plan_micro_batches, slice_batch
 from vlm_sapo.learner.optim import adamw, lr_multiplier, param_groups
 from vlm_sapo.learner.reference import ReferencePolicy
@@ -53,6 +53,7 @@ from vlm_sapo.learner.torch_engine import TorchEngine
 from vlm_sapo.learner.weights import hf_model, named_full_weights
 from vlm_sapo.models.logprobs import token_logprobs
 from vlm_sapo.models.routing import FREE, record_routing, replay_routing, routing_shape
+from vlm_sapo.models.vision import freeze_vision_params, vision_tower
 
 log = logging.getLogger(__name__)
 

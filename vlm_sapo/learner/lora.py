@@ -1,4 +1,4 @@
-"""LoRA adapters through peft, and the vision-tower freeze.
+"""LoRA adapters through peft.
 
 Adapters go on the linear layers named by `target_modules` (peft's matching: a list of module-name suffixes or one
 regular expression). Qwen-VL's vision blocks share names with the language model's MLP (gate_proj, up_proj,
@@ -11,24 +11,6 @@ import torch
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VISION_MODULES_REGEX = r".*\.visual(\..*)?"
-
-
-def vision_tower(model: torch.nn.Module) -> torch.nn.Module:
-    """The Qwen-VL vision encoder including its patch merger (`model.model.visual` in transformers 5)."""
-    for owner in (getattr(model, "model", None), model):
-        visual = getattr(owner, "visual", None) if owner is not None else None
-        if isinstance(visual, torch.nn.Module):
-            return visual
-    raise ValueError(f"{type(model).__name__} has no `visual` module; freeze_vision_tower needs a Qwen-VL model")
-
-
-def freeze_vision_params(model: torch.nn.Module) -> int:
-    """Stop gradients into the vision encoder; returns how many parameters were frozen."""
-    n = 0
-    for p in vision_tower(model).parameters():
-        p.requires_grad_(False)
-        n += p.numel()
-    return n
 
 
 def apply_lora(model: torch.nn.Module, *, rank: int, alpha: float | None, dropout: float,

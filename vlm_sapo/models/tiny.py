@@ -31,6 +31,26 @@ TINY_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size":
             "norm_topk_prob": True}
 
 
+TINY_PREFIX = "tiny:"
+
+
+def resolve_tiny(path: str) -> str:
+    """`tiny:<family>` builds (once, cached) a tiny random Qwen-VL offline; anything else is returned as is."""
+    if not path.startswith(TINY_PREFIX):
+        return path
+    import hashlib
+
+    from . import tokenizer as tok
+
+    family = path[len(TINY_PREFIX):]
+    # keyed by the builder's source, so a changed builder never serves a stale cached model
+    digest = hashlib.sha256(Path(__file__).read_bytes() + Path(tok.__file__).read_bytes()).hexdigest()[:12]
+    out = tok.default_cache_dir() / "tiny" / f"{family}-{digest}"
+    if not (out / "config.json").is_file():
+        build_tiny(out, family=family)
+    return str(out)
+
+
 def dense_base(family: str) -> str:
     """The dense family whose vision tower, processor and tokens a family shares (itself for the dense ones)."""
     return _DENSE_BASE.get(family, family)

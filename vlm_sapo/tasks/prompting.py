@@ -1,6 +1,7 @@
-"""One sample -> the exact prompt training renders for it, and the meta its reward needs.
+"""One sample -> the exact prompt its task renders for it, and the meta its reward needs.
 
-Same steps as the trainer's `_render`: the model family's grounding coordinate system goes into the meta first (the
+Training, the cold start and evaluation all render through `render_task_prompt`, so a benchmark row is prompted
+exactly as a training row: the model family's grounding coordinate system goes into the meta first (the
 grounding instruction names its units), the task's instruction follows the question, and after rendering the meta
 gets `model_input_size` (the resized image the model saw) and `image_size` (the decoded original), which the
 grounding reward uses to map boxes back to original pixels. The sample given is not modified.

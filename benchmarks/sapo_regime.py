@@ -130,7 +130,7 @@ def run_one(out: str, spec: dict[str, Any], seed: int, lr: float, steps: int, ev
     """One arm and seed: the real Trainer, stepped here so every update's loss tensors are observed."""
     import torch
 
-    from vlm_sapo.algos.losses import observe_policy_losses, regime_metrics
+    from vlm_sapo.algos import observe_policy_losses, regime_metrics
     from vlm_sapo.recipe import load_recipe
     from vlm_sapo.trainer import Trainer
 

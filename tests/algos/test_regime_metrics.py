@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 
-from vlm_sapo.algos import get_policy_loss
-from vlm_sapo.algos.losses import observe_policy_losses, regime_metrics
+from vlm_sapo.algos import get_policy_loss, observe_policy_losses, regime_metrics
 
 
 def _observed(name: str, logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,

@@ -11,11 +11,9 @@ import math
 import torch
 from torch import Tensor
 
+from vlm_sapo.algos.aggregation import bool_mask
+
 KL_ESTIMATORS = ("k1", "k2", "k3")
-
-
-def _valid(mask: Tensor) -> Tensor:
-    return mask if mask.dtype == torch.bool else mask > 0
 
 
 def _check_shapes(a_name: str, a: Tensor, b_name: str, b: Tensor, mask: Tensor | None = None) -> None:
@@ -35,7 +33,7 @@ def kl_penalty(
     +-max_log_ratio before exp. Reduce with ``vlm_sapo.algos.losses.aggregate`` like the policy loss.
     """
     _check_shapes("logp", logp, "ref_logp", ref_logp, mask)
-    valid = _valid(mask)
+    valid = bool_mask(mask)
     dtype = torch.promote_types(logp.dtype, torch.float32)
     logp = torch.where(valid, logp.to(dtype), 0.0)
     ref = torch.where(valid, ref_logp.detach().to(dtype), 0.0)
@@ -75,7 +73,7 @@ def mismatch_metrics(train_logp: Tensor, rollout_logp: Tensor, mask: Tensor) -> 
     rollout engine). All 0 when no token is valid.
     """
     _check_shapes("train_logp", train_logp, "rollout_logp", rollout_logp, mask)
-    valid = _valid(mask)
+    valid = bool_mask(mask)
     with torch.no_grad():
         d = torch.where(valid, train_logp.double() - rollout_logp.double(), 0.0)
         n = valid.sum().clamp(min=1)

@@ -7,8 +7,8 @@ Every loss is ``fn(logp, old_logp, advantages, mask, *, <hyper-parameters>) -> (
 ``inspect.signature``.
 
 Aggregation is part of each loss's definition (the papers differ exactly there), so it is declared when the loss is
-registered and exposed by ``policy_loss_aggregation``. ``aggregation_weight`` lets a learner that splits a batch into
-micro-batches (or ranks) weight each part so the sum equals the loss over the whole batch.
+registered and exposed by ``policy_loss_aggregation`` (the modes: ``aggregation.py``). ``regime.py`` reads the
+tensors of every call when an experiment asks for them.
 
 Masked positions never reach the arithmetic: they are replaced by zeros first, so padding may hold anything (even NaN)
 without changing the loss or the gradient, and a row with no valid token contributes nothing.
@@ -16,19 +16,23 @@ without changing the loss or the gradient, and a row with no valid token contrib
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor
 
-SEQ_MEAN_TOKEN_MEAN = "seq-mean-token-mean"
-TOKEN_MEAN = "token-mean"
-SEQ_MEAN_TOKEN_SUM_NORM = "seq-mean-token-sum-norm"
-AGGREGATIONS = (SEQ_MEAN_TOKEN_MEAN, TOKEN_MEAN, SEQ_MEAN_TOKEN_SUM_NORM)
+from vlm_sapo.algos import regime
+from vlm_sapo.algos.aggregation import (
+    AGGREGATIONS,
+    SEQ_MEAN_TOKEN_MEAN,
+    SEQ_MEAN_TOKEN_SUM_NORM,
+    TOKEN_MEAN,
+    aggregate,
+    bool_mask,
+)
 
 
 class PolicyLoss(Protocol):
@@ -83,128 +87,6 @@ def policy_loss_aggregation(name: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- observers
-LossObserver = Callable[[str, dict[str, Tensor]], None]
-_OBSERVERS: list[LossObserver] = []
-
-
-@contextlib.contextmanager
-def observe_policy_losses(fn: LossObserver) -> Iterator[None]:
-    """Call ``fn(loss_name, tensors)`` from every sapo/gspo/grpo/dapo/drgrpo call while the context is open.
-
-    Why: an experiment that wants distributions (quantiles per advantage sign, per mini-batch) rather than the
-    logged means reads them from the tensors the loss itself computed, so they cannot drift from what the loss did.
-    ``tensors`` (detached, ``[batch, tokens]`` unless noted): ``log_ratio``, ``adv``, ``valid``, ``grad`` (a 0-dim
-    bool: True inside the learner's backward passes, False on its whole-batch metrics call); clip losses add
-    ``clipped_low``/``clipped_high``; GSPO adds ``seq_log_ratio`` ``[batch]``; SAPO adds ``gate_weight``, ``gate_coef``
-    and ``tau``. ``regime_metrics`` turns them into floats. Nothing is computed when no observer is installed.
-    """
-    _OBSERVERS.append(fn)
-    try:
-        yield
-    finally:
-        _OBSERVERS.remove(fn)
-
-
-def _observe(name: str, logp: Tensor, b: _Batch, **extra: Tensor) -> None:
-    if not _OBSERVERS:
-        return
-    tensors = {"log_ratio": b.log_ratio.detach(), "adv": b.adv, "valid": b.valid,
-               "grad": torch.tensor(bool(logp.requires_grad)), **{k: v.detach() for k, v in extra.items()}}
-    for fn in list(_OBSERVERS):
-        fn(name, tensors)
-
-
-def _q(x: Tensor, qs: tuple[float, ...], prefix: str, out: dict[str, float]) -> None:
-    """Quantiles (linear interpolation) and max of a 1-D tensor into ``out``; NaN when it is empty."""
-    x = x.double()
-    for q in qs:
-        out[f"{prefix}_p{round(100 * q)}"] = float(torch.quantile(x, q)) if x.numel() else float("nan")
-    out[f"{prefix}_max"] = float(x.max()) if x.numel() else float("nan")
-
-
-def regime_metrics(name: str, t: dict[str, Tensor]) -> dict[str, float]:
-    """Distributions of one loss call's off-policy regime, from ``observe_policy_losses`` tensors.
-
-    Every loss: token ratio r quantiles (``ratio_p50|p99|max``), per-sequence Var_i = Var(log r) over valid tokens
-    (``var_p50|p90|max``, the SAPO paper's quantity, for every loss alike). Clip losses: clipped fraction per advantage
-    sign, as a fraction of that sign's units: GRPO/DAPO/Dr.GRPO tokens (``clip_frac_pos``: A > 0 tokens clipped high,
-    ``clip_frac_neg``: A < 0 tokens clipped low), GSPO sequences (a sequence is clipped when its sequence ratio is).
-    SAPO: quantiles of the gate weight w = 4p(1-p) and the coefficient c = w r per sign (``w_pos_p1|p50``,
-    ``c_pos_p50|p99|max``, same for neg) and of the bound (tau_i^2/4) Var_i (``bound_p50|p90|max``). A sign with no
-    unit gives NaN (not 0: an empty set has no quantile and no clip fraction).
-    """
-    valid, adv, lr = t["valid"], t["adv"], t["log_ratio"]
-    out: dict[str, float] = {}
-    _q(lr.exp()[valid], (0.5, 0.99), "ratio", out)
-    lengths = valid.sum(-1)
-    seqs = lengths > 0
-    n = lengths.clamp(min=1)
-    mean = lr.sum(-1, keepdim=True) / n[:, None]
-    var = torch.where(valid, (lr - mean) ** 2, 0.0).sum(-1) / n
-    _q(var[seqs], (0.5, 0.9), "var", out)
-    pos, neg = valid & (adv > 0), valid & (adv < 0)
-    if "clipped_low" in t:
-        low, high = t["clipped_low"], t["clipped_high"]
-        if "seq_log_ratio" in t:  # GSPO: one unit per sequence
-            seq_adv = torch.where(valid, adv, 0.0).sum(-1) / n
-            sp, sn = seqs & (seq_adv > 0), seqs & (seq_adv < 0)
-            hit_high, hit_low = (high & valid).any(-1), (low & valid).any(-1)
-            out["clip_frac_pos"] = float(hit_high[sp].double().mean()) if sp.any() else float("nan")
-            out["clip_frac_neg"] = float(hit_low[sn].double().mean()) if sn.any() else float("nan")
-        else:
-            out["clip_frac_pos"] = float(high[pos].double().mean()) if pos.any() else float("nan")
-            out["clip_frac_neg"] = float(low[neg].double().mean()) if neg.any() else float("nan")
-    if "gate_weight" in t:
-        w, c, tau = t["gate_weight"], t["gate_coef"], t["tau"]
-        for sign, where in (("pos", pos), ("neg", neg)):
-            _q(w[where], (0.01, 0.5), f"w_{sign}", out)
-            _q(c[where], (0.5, 0.99), f"c_{sign}", out)
-        seq_tau = torch.where(valid, tau, 0.0).amax(-1)
-        _q((seq_tau**2 / 4 * var)[seqs], (0.5, 0.9), "bound", out)
-    return out
-
-
-def _valid(mask: Tensor) -> Tensor:
-    return mask if mask.dtype == torch.bool else mask > 0
-
-
-def aggregate(values: Tensor, mask: Tensor, mode: str, *, max_length: int | None = None) -> Tensor:
-    """Reduce per-token ``values [batch, tokens]`` to a scalar over the tokens where ``mask`` is set.
-
-    ``seq-mean-token-mean``: token mean within each sequence, then mean over non-empty sequences (GRPO, GSPO, SAPO).
-    ``token-mean``: mean over all valid tokens of the batch (DAPO, CISPO); long answers weigh more.
-    ``seq-mean-token-sum-norm``: token sum per sequence divided by the constant ``max_length``, then mean over
-    non-empty sequences (Dr. GRPO): no length bias in either direction.
-    """
-    valid = _valid(mask)
-    values = torch.where(valid, values, 0.0)
-    if mode == TOKEN_MEAN:
-        return values.sum() / valid.sum().clamp(min=1)
-    lengths = valid.sum(-1)
-    num_seqs = (lengths > 0).sum().clamp(min=1)
-    if mode == SEQ_MEAN_TOKEN_MEAN:
-        return (values.sum(-1) / lengths.clamp(min=1)).sum() / num_seqs
-    if mode == SEQ_MEAN_TOKEN_SUM_NORM:
-        if max_length is None or max_length < 1:
-            raise ValueError(f"aggregation {mode!r} needs max_length >= 1, got {max_length!r}")
-        return (values.sum(-1) / max_length).sum() / num_seqs
-    raise ValueError(f"unknown aggregation {mode!r}; valid: {', '.join(AGGREGATIONS)}")
-
-
-def aggregation_weight(mode: str, mask: Tensor) -> int:
-    """What ``aggregate(mode)`` divides by on ``mask``: valid tokens for ``token-mean``, non-empty sequences otherwise.
-
-    A learner accumulating micro-batches (or averaging over ranks) multiplies each part's loss by
-    ``aggregation_weight(part) / sum of aggregation_weight(parts)``; the sum is then exactly the whole batch's loss.
-    """
-    if mode not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation {mode!r}; valid: {', '.join(AGGREGATIONS)}")
-    valid = _valid(mask)
-    if mode == TOKEN_MEAN:
-        return int(valid.sum())
-    return int((valid.sum(-1) > 0).sum())
-
-
 @dataclass
 class _Batch:
     logp: Tensor  # masked positions are 0, gradient flows only from valid tokens
@@ -230,12 +112,19 @@ def _prepare(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, m
         raise ValueError(f"max_log_ratio must be > 0, got {max_log_ratio!r}")
     # fp32 at least: bf16 log-probs would make exp(log-ratio) coarse exactly where clipping/gating decides.
     dtype = torch.promote_types(logp.dtype, torch.float32)
-    valid = _valid(mask)
+    valid = bool_mask(mask)
     logp = torch.where(valid, logp.to(dtype), 0.0)
     old = torch.where(valid, old_logp.detach().to(dtype), 0.0)
     adv = torch.where(valid, advantages.detach().to(dtype).expand(valid.shape), 0.0)
     log_ratio = (logp - old).clamp(-max_log_ratio, max_log_ratio)
     return _Batch(logp=logp, log_ratio=log_ratio, adv=adv, valid=valid)
+
+
+def _observe(name: str, logp: Tensor, b: _Batch, **extra: Tensor) -> None:
+    if not regime.observing():
+        return
+    regime.notify(name, {"log_ratio": b.log_ratio.detach(), "adv": b.adv, "valid": b.valid,
+                         "grad": torch.tensor(bool(logp.requires_grad)), **{k: v.detach() for k, v in extra.items()}})
 
 
 def _mean(x: Tensor, where: Tensor) -> Tensor:
@@ -330,7 +219,7 @@ def sapo_loss(
     ratio = b.log_ratio.exp()
     x = tau * (ratio - 1)
     loss = -aggregate(torch.sigmoid(x) * (4 / tau) * b.adv, b.valid, SEQ_MEAN_TOKEN_MEAN)
-    if _OBSERVERS:
+    if regime.observing():
         with torch.no_grad():
             w_obs = 4 * torch.sigmoid(x) * torch.sigmoid(-x)
         _observe("sapo", logp, b, gate_weight=w_obs, gate_coef=w_obs * ratio, tau=tau)
@@ -459,7 +348,7 @@ def drgrpo_loss(
     """
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
         raise ValueError(f"drgrpo: max_length must be an int >= 1, got {max_length!r}")
-    longest = int(_valid(mask).sum(-1).amax()) if mask.numel() else 0
+    longest = int(bool_mask(mask).sum(-1).amax()) if mask.numel() else 0
     if longest > max_length:
         raise ValueError(f"drgrpo: a sequence has {longest} valid tokens > max_length={max_length}")
     return _clipped_policy_gradient("drgrpo", logp, old_logp, advantages, mask, clip_low, clip_high, max_log_ratio,

@@ -27,7 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from vlm_sapo import demo, demo_report  # noqa: E402
+from vlm_sapo import demo  # noqa: E402
+from vlm_sapo.demo import report as demo_report  # noqa: E402
 from vlm_sapo.metrics_log import read_metrics  # noqa: E402
 
 SMOOTH = 5  # steps in the moving average that collapse detection reads

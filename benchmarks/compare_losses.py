@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/compare_losses.py --losses sapo grpo --seeds 0 --rl-steps 20   # a quick look
 
 Every run starts from the same cold-start checkpoint (built once, as `make demo` builds it) and trains with
-`recipes/demo_cpu.yaml` under the same budget, changing only the policy loss (each with its paper's defaults) and the
+`vlm_sapo/demo/demo_cpu.yaml` under the same budget, changing only the policy loss (each with its paper's defaults) and the
 seed. The setting stresses the losses the way the SAPO paper does: `algorithm.mini_batches=4` (four updates per
 rollout batch, so three of them are off-policy) and twice the demo's learning rate. Reported per loss: the
 held-out greedy accuracy per task family after training (mean and spread over seeds), the number of collapse events

@@ -11,7 +11,8 @@
    task text, so one RL step takes a fraction of a second instead of seconds;
 3. cold start: a short supervised warm-up on gold answers, so the policy follows the answer format and is right
    sometimes, far from always (RL needs groups whose rewards differ);
-4. RL: `vlm-sapo train recipes/demo_cpu.yaml` with the transformers rollout backend, the SAPO loss, G = 8;
+4. RL: `vlm-sapo train vlm_sapo/demo/demo_cpu.yaml` (package data beside this file) with the transformers
+   rollout backend, the SAPO loss, G = 8;
 5. evaluation: greedy accuracy on the held-out test split, before and after RL, per task family, beside the blind
    baseline (best constant answer) and the image-shuffled score; a report folder (`runs/demo/report/`, see
    `vlm_sapo/demo/report.py`).
@@ -33,11 +34,13 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-RECIPE = REPO / "recipes" / "demo_cpu.yaml"
+# The demo recipe is package data (pyproject.toml), read through importlib.resources, so that a non-editable install
+# (`pip install .`) runs the demo from any folder; a filesystem path, since recipes `base:` others beside them.
+RECIPE = Path(str(resources.files(__package__).joinpath("demo_cpu.yaml")))
 FAMILIES = ("math", "chart", "grounding")
 MODEL_FAMILY = "qwen2_5_vl"
 
@@ -322,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sft-steps", type=int, default=DemoConfig.sft_steps)
     parser.add_argument("--threads", type=int, default=DemoConfig.threads, help="torch threads (1 is fastest for "
                         "this tiny model on a busy 2-core machine)")
-    parser.add_argument("overrides", nargs="*", metavar="a.b.c=value", help="overrides for recipes/demo_cpu.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="a.b.c=value", help="overrides for the demo recipe "
+                        "(vlm_sapo/demo/demo_cpu.yaml)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

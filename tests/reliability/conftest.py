@@ -12,7 +12,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from reliability_helpers import FIXTURE
+
+from tests.reliability.reliability_helpers import FIXTURE
 
 _TALLY = pytest.StashKey[Counter]()
 

@@ -56,7 +56,7 @@ def fixtures(n_rows: int = 256) -> tuple[Path, Path]:
         build_tiny(model, family="qwen2_5_vl")
     rows = data / "math" / "train.jsonl"
     if not rows.is_file():
-        from vlm_sapo.synthetic import make_synthetic_data
+        from vlm_sapo.demo.synthetic import make_synthetic_data
 
         make_synthetic_data(data, seed=0, n_train=n_rows, n_val=1, n_test=1, families=("math",))
     return model, rows

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/compare_losses.py --losses sapo grpo --seeds 0 --rl-steps 20   # a quick look
 
 Every run starts from the same cold-start checkpoint (built once, as `make demo` builds it) and trains with
-`recipes/demo_cpu.yaml` under the same budget, changing only the policy loss (each with its paper's defaults) and the
+`vlm_sapo/demo/demo_cpu.yaml` under the same budget, changing only the policy loss (each with its paper's defaults) and the
 seed. The setting stresses the losses the way the SAPO paper does: `algorithm.mini_batches=4` (four updates per
 rollout batch, so three of them are off-policy) and twice the demo's learning rate. Reported per loss: the
 held-out greedy accuracy per task family after training (mean and spread over seeds), the number of collapse events
@@ -27,7 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from vlm_sapo import demo, demo_report  # noqa: E402
+from vlm_sapo import demo  # noqa: E402
+from vlm_sapo.demo import report as demo_report  # noqa: E402
 from vlm_sapo.metrics_log import read_metrics  # noqa: E402
 
 SMOOTH = 5  # steps in the moving average that collapse detection reads

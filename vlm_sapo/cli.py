@@ -142,7 +142,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _make_data(args: argparse.Namespace) -> int:
-    from vlm_sapo.synthetic import ALL_FAMILIES, make_synthetic_data
+    from vlm_sapo.demo.synthetic import ALL_FAMILIES, make_synthetic_data
 
     families = tuple(args.families.split(",")) if args.families else ALL_FAMILIES
     paths = make_synthetic_data(args.out, seed=args.seed, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from vlm_sapo.data import load_samples
-from vlm_sapo.synthetic import gold_completion, make_synthetic_data
-from vlm_sapo.synthetic.vocab import TAG_TOKENS, build_small_vocab_tiny, train_small_tokenizer
+from vlm_sapo.demo.synthetic import gold_completion, make_synthetic_data
+from vlm_sapo.demo.synthetic.vocab import TAG_TOKENS, build_small_vocab_tiny, train_small_tokenizer
 
 PIXELS = 56 * 56  # the grounding images; the demo's pixel range is [56 * 56, 84 * 84], so none is resized
 
@@ -49,9 +49,9 @@ def test_small_tokenizer_round_trips_any_text_and_keeps_tags_whole() -> None:
 
 
 def test_cold_start_loss_equals_a_plain_forward(init_model: Path, demo_data: Path) -> None:
+    from vlm_sapo.demo.sft import nll_loss, prepare_examples
     from vlm_sapo.models.loading import load_policy, load_processor
     from vlm_sapo.models.logprobs import build_policy_inputs, rope_position_ids
-    from vlm_sapo.sft import nll_loss, prepare_examples
 
     processor = load_processor(init_model)
     model = load_policy(init_model, dtype="float32")
@@ -122,8 +122,8 @@ def test_moe_cold_start(demo_data: Path, tmp_path: Path) -> None:
     from safetensors import safe_open
 
     from vlm_sapo.demo import DemoConfig, build_model, cold_start, image_pixels, split_paths
+    from vlm_sapo.demo.sft import prepare_examples
     from vlm_sapo.models.loading import load_policy, load_processor
-    from vlm_sapo.sft import prepare_examples
 
     paths = split_paths(demo_data)
     cfg = DemoConfig(family="qwen3_vl_moe", sft_rows=8, sft_steps=6, sft_batch=8, vocab_size=320)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from vlm_sapo.demo import FAMILIES, blind_baseline, load_split, shuffle_images, split_paths
-from vlm_sapo.synthetic import make_synthetic_data
+from vlm_sapo.demo.synthetic import make_synthetic_data
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ the loss observer, the K = 1 identity, the summary and the rendered table), on 2
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -11,9 +12,18 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-from sapo_regime_report import fields_for  # noqa: E402
+
+def _load_report_module():
+    """benchmarks/sapo_regime_report.py by its path. Not by putting benchmarks/ on sys.path: the reward workers of
+    every later in-process run inherit sys.path, and there benchmarks/rewards.py would shadow the `rewards` package."""
+    spec = importlib.util.spec_from_file_location("sapo_regime_report", REPO / "benchmarks" / "sapo_regime_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+fields_for = _load_report_module().fields_for
 
 
 def test_quick_run_reports_every_field_and_the_k1_identity(tmp_path: Path) -> None:

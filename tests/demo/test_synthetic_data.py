@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from vlm_sapo.data import Sample, load_samples
-from vlm_sapo.synthetic import FAMILIES, SyntheticConfig, gold_completion, make_synthetic_data
+from vlm_sapo.demo.synthetic import FAMILIES, SyntheticConfig, gold_completion, make_synthetic_data
 from vlm_sapo.tasks import get_task
 
 # Independent of the generator's own tables: the demo's four colours as RGB.

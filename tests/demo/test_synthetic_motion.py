@@ -13,7 +13,7 @@ from PIL import Image
 
 from vlm_sapo.cli import main
 from vlm_sapo.data import load_samples
-from vlm_sapo.synthetic import SyntheticConfig, gold_completion, make_synthetic_data
+from vlm_sapo.demo.synthetic import SyntheticConfig, gold_completion, make_synthetic_data
 from vlm_sapo.tasks import get_task
 
 COUNTS = {"n_train": 24, "n_val": 4, "n_test": 8}

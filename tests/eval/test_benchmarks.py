@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from eval_helpers import REPO, as_model, png_bytes, read_jsonl, write_hub_parquet, write_jsonl
 
+from tests.eval.eval_helpers import REPO, as_model, png_bytes, read_jsonl, write_hub_parquet, write_jsonl
 from vlm_sapo.data import DataError
 from vlm_sapo.eval import list_benchmarks, load_benchmark, parse_benchmark, score_predictions
 from vlm_sapo.tasks import get_task

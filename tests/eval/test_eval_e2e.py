@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 
 import pytest
-from eval_helpers import read_jsonl
 from PIL import Image
 
+from tests.eval.eval_helpers import read_jsonl
 from vlm_sapo.cli import main
 from vlm_sapo.data import render_prompt
 from vlm_sapo.eval import load_benchmark

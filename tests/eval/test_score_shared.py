@@ -12,8 +12,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from eval_helpers import as_model, iou, read_jsonl, write_jsonl
 
+from tests.eval.eval_helpers import as_model, iou, read_jsonl, write_jsonl
 from vlm_sapo.cli import main
 from vlm_sapo.eval import load_benchmark, score_predictions
 from vlm_sapo.reward_pool import RewardPool

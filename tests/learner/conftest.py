@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from learner_batches import build_small, make_batch
+
+from tests.learner.learner_batches import build_small, make_batch
 
 
 @pytest.fixture(scope="session")

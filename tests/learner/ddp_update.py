@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from learner_batches import make_batch, make_learner, take_rows, weights  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script (torchrun): the `tests` package
+from tests.learner.learner_batches import make_batch, make_learner, take_rows, weights  # noqa: E402
 
 SHARES = ([0, 1, 2], [3, 4])
 ADV = torch.tensor([1.0, -0.5, 0.8, -1.2, 0.3])

@@ -10,8 +10,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from learner_batches import load_model, make_learner, take_rows, weights
 
+from tests.learner.learner_batches import load_model, make_learner, take_rows, weights
 from vlm_sapo.checkpoint import (
     CheckpointError,
     export_hf,

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from learner_batches import load_model, make_learner
-from test_update import ADV, naive_logprobs
+
+from tests.learner.learner_batches import load_model, make_learner
+from tests.learner.test_update import ADV, naive_logprobs
 
 
 def _hand_kl(logp: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, estimator: str) -> float:

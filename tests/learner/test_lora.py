@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from learner_batches import load_model, make_learner, weights
+
+from tests.learner.learner_batches import load_model, make_learner, weights
 
 ADV = torch.tensor([1.0, -0.5, 0.8, -1.2, 0.3])
 LM_TARGETS = ("q_proj", "v_proj", "gate_proj")

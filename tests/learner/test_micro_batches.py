@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from learner_batches import ROWS, make_batch, take_rows
 
+from tests.learner.learner_batches import ROWS, make_batch, take_rows
 from vlm_sapo.learner.ds_config import build_ds_config
 from vlm_sapo.learner.micro_batches import plan_micro_batches
 from vlm_sapo.learner.optim import lr_multiplier

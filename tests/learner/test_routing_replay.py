@@ -11,9 +11,16 @@ import copy
 
 import pytest
 import torch
-from learner_batches import load_model, make_batch, make_learner, weights
-from test_update import LINEAR_ADAM, assert_same_update, naive_logprobs, perturbed_old, ref_sapo, reference_step
 
+from tests.learner.learner_batches import load_model, make_batch, make_learner, weights
+from tests.learner.test_update import (
+    LINEAR_ADAM,
+    assert_same_update,
+    naive_logprobs,
+    perturbed_old,
+    ref_sapo,
+    reference_step,
+)
 from vlm_sapo.models.logprobs import token_logprobs
 from vlm_sapo.models.moe import save_policy
 from vlm_sapo.models.routing import record_routing, replay_routing, take_replay_counts

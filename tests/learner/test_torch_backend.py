@@ -6,9 +6,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from learner_batches import load_model, make_learner, weights
-from test_update import ADV, LINEAR_ADAM, assert_same_update, naive_logprobs, perturbed_old, ref_sapo, reference_step
 
+from tests.learner.learner_batches import load_model, make_learner, weights
+from tests.learner.test_update import (
+    ADV,
+    LINEAR_ADAM,
+    assert_same_update,
+    naive_logprobs,
+    perturbed_old,
+    ref_sapo,
+    reference_step,
+)
 from vlm_sapo.checkpoint import load_checkpoint, save_checkpoint
 
 

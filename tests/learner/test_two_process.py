@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from ddp_update import CASES, SHARES, run_one
-from learner_batches import load_model
 
+from tests.learner.ddp_update import CASES, SHARES, run_one
+from tests.learner.learner_batches import load_model
 from vlm_sapo.learner.dist_env import free_port
 
 WORKER = Path(__file__).resolve().parent / "ddp_update.py"

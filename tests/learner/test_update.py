@@ -12,7 +12,8 @@ import math
 
 import pytest
 import torch
-from learner_batches import load_model, make_batch, make_learner, weights
+
+from tests.learner.learner_batches import load_model, make_batch, make_learner, weights
 
 LINEAR_ADAM = dict(lr=0.5, eps=1.0, betas=(0.9, 0.99))
 ADV = torch.tensor([1.0, -0.5, 0.8, -1.2, 0.3])

@@ -13,8 +13,8 @@ import textwrap
 from pathlib import Path
 
 from pydantic import Field
-from recipe_reads import ReadScanner, dotted, leaf_fields, sections, unread_fields
 
+from tests.recipe.recipe_reads import ReadScanner, dotted, leaf_fields, sections, unread_fields
 from vlm_sapo.recipe import LossCfg, Recipe, RolloutCfg
 
 PACKAGE = Path(__file__).resolve().parents[2] / "vlm_sapo"

@@ -28,7 +28,11 @@ def _problems(data: dict) -> list[str]:
     return e.value.problems
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+# recipes/ plus the recipes shipped as package data (the demo's, vlm_sapo/demo/demo_cpu.yaml)
+SHIPPED_RECIPES = sorted((REPO / "recipes").glob("*.yaml")) + sorted((REPO / "vlm_sapo").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_RECIPES, ids=lambda p: p.name)
 def test_shipped_recipes_validate_and_say_how_to_run(path: Path) -> None:
     first = path.read_text().splitlines()[0]
     assert first.startswith("# ") and ("vlm-sapo train" in first or "vlm_sapo.cli train" in first), first

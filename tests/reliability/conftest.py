@@ -12,7 +12,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from reliability_helpers import FIXTURE
+
+from tests.reliability.reliability_helpers import FIXTURE
 
 _TALLY = pytest.StashKey[Counter]()
 
@@ -46,7 +47,7 @@ def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     With Qwen's real vocabulary a tiny model's checkpoint is 600 MB and a step takes seconds; this one's checkpoint is
     10 MB, so the fault tests can afford a checkpoint every step.
     """
-    from vlm_sapo.synthetic.vocab import build_small_vocab_tiny
+    from vlm_sapo.demo.synthetic.vocab import build_small_vocab_tiny
 
     rows = [json.loads(line) for line in FIXTURE.read_text().splitlines() if line.strip()]
     texts = [f"{r['question']} {r['answer']}" for r in rows]

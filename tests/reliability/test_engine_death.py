@@ -11,7 +11,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from reliability_helpers import (
+
+from tests.reliability.reliability_helpers import (
     checkpoints,
     expected_batches,
     fixture_rows,

@@ -9,8 +9,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from reliability_helpers import FAST, TRAIN, metrics, run, run_env, steps
 
+from tests.reliability.reliability_helpers import FAST, TRAIN, metrics, run, run_env, steps
 from vlm_sapo.resume_guard import (
     RESUMABLE_CHANGES,
     ResumeRefused,

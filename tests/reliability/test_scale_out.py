@@ -16,8 +16,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from reliability_helpers import FAST, expected_batches, fixture_rows, metrics, run, run_env
 
+from tests.reliability.reliability_helpers import FAST, expected_batches, fixture_rows, metrics, run, run_env
 from vlm_sapo.checkpoint import verify_checkpoint
 from vlm_sapo.weight_digest import DIGEST_ENV, last_digests
 

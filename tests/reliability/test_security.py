@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reliability_helpers import REPO, TRAIN, run_env
 
+from tests.reliability.reliability_helpers import REPO, TRAIN, run_env
 from vlm_sapo.reward_pool import RewardError, load_reward
 
 SCANNED = [REPO / "vlm_sapo", REPO / "rewards", REPO / "scripts", REPO / "benchmarks"]

@@ -16,7 +16,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from reliability_helpers import FAST, metrics, run, run_env
+
+from tests.reliability.reliability_helpers import FAST, metrics, run, run_env
 
 DRIVER = Path(__file__).resolve().parent / "trainer_calls.py"
 

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from reliability_helpers import (
+
+from tests.reliability.reliability_helpers import (
     FIXTURE_DIR,
     checkpoints,
     expected_batches,
@@ -46,7 +47,6 @@ from reliability_helpers import (
     wait_for_no_processes,
     write_jsonl,
 )
-
 from vlm_sapo.checkpoint import verify_checkpoint
 
 FLAKY_REWARD = """

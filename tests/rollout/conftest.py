@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from rollout_helpers import render_test_prompts
 
+from tests.rollout.rollout_helpers import render_test_prompts
 from vlm_sapo.data import RenderedPrompt
 
 

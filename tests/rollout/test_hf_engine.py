@@ -6,8 +6,14 @@ import copy
 
 import pytest
 import torch
-from rollout_helpers import QWEN3_PIXELS, forward_logprobs, learner_logprobs, max_abs_diff, render_test_prompts
 
+from tests.rollout.rollout_helpers import (
+    QWEN3_PIXELS,
+    forward_logprobs,
+    learner_logprobs,
+    max_abs_diff,
+    render_test_prompts,
+)
 from vlm_sapo.data import prompt_model_inputs
 from vlm_sapo.rollout import RolloutEngineError, SamplingConfig
 from vlm_sapo.rollout.hf_engine import HFRolloutEngine

@@ -11,8 +11,8 @@ import copy
 
 import pytest
 import torch
-from rollout_helpers import QWEN3_PIXELS, forward_logprobs, max_abs_diff, render_test_prompts
 
+from tests.rollout.rollout_helpers import QWEN3_PIXELS, forward_logprobs, max_abs_diff, render_test_prompts
 from vlm_sapo.data import prompt_model_inputs
 from vlm_sapo.models.logprobs import build_policy_inputs, token_logprobs
 from vlm_sapo.models.routing import record_routing, routed_experts_batch

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from rollout_helpers import (
+
+from tests.rollout.rollout_helpers import (
     QWEN3_PIXELS,
     QWEN25_PIXELS,
     check_video_prompt_tokens,
@@ -22,7 +23,6 @@ from rollout_helpers import (
     render_video_prompts,
     video_processor_for,
 )
-
 from vlm_sapo.rollout import SamplingConfig
 from vlm_sapo.rollout.hf_engine import HFRolloutEngine
 

@@ -12,7 +12,8 @@ import time
 
 import pytest
 import torch
-from rollout_helpers import (
+
+from tests.rollout.rollout_helpers import (
     QWEN25_PIXELS,
     check_video_prompt_tokens,
     forward_logprobs,
@@ -21,7 +22,6 @@ from rollout_helpers import (
     render_video_prompts,
     video_processor_for,
 )
-
 from vlm_sapo.data import prompt_model_inputs
 from vlm_sapo.rollout import RolloutEngineError, SamplingConfig
 from vlm_sapo.rollout.hf_engine import HFRolloutEngine

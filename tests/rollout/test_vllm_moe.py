@@ -10,8 +10,14 @@ import shutil
 
 import pytest
 import torch
-from rollout_helpers import QWEN3_PIXELS, forward_logprobs, learner_logprobs, max_abs_diff, render_test_prompts
 
+from tests.rollout.rollout_helpers import (
+    QWEN3_PIXELS,
+    forward_logprobs,
+    learner_logprobs,
+    max_abs_diff,
+    render_test_prompts,
+)
 from vlm_sapo.rollout import RolloutEngineError, SamplingConfig
 
 pytestmark = pytest.mark.vllm

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 
 import pytest
-from reward_helpers import as_model, read_rows, ref_iou
 
 from rewards import chart, grounding, math
+from tests.scoring.reward_helpers import as_model, read_rows, ref_iou
 
 LETTERS = "ABCDEFGH"
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from reward_helpers import as_model, ref_iou
 
 from rewards import chart, grounding, length_penalty, math
 from rewards import format as fmt
+from tests.scoring.reward_helpers import as_model, ref_iou
 
 
 # ---------------------------------------------------------------------------------------------------- format

@@ -10,10 +10,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-from reward_helpers import as_model
 
 from rewards import chart, grounding, length_penalty, math
 from rewards import format as fmt
+from tests.scoring.reward_helpers import as_model
 from vlm_sapo.reward_pool import RewardError, RewardPool, RewardSpec, ScoreItem, load_reward
 from vlm_sapo.tasks import default_reward_specs
 

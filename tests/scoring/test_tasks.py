@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from reward_helpers import as_model, read_rows
 
 import vlm_sapo.tasks.task as task_module
+from tests.scoring.reward_helpers import as_model, read_rows
 from vlm_sapo.data.sample import Sample
 from vlm_sapo.reward_pool import RewardPool, ScoreItem
 from vlm_sapo.tasks import (

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_train_loop import REPO, _env
 
+from tests.trainer.test_train_loop import REPO, _env
+from vlm_sapo.demo.synthetic import make_synthetic_data
 from vlm_sapo.metrics_log import read_metrics
-from vlm_sapo.synthetic import make_synthetic_data
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from vlm_sapo.data.sample import IMAGE_PLACEHOLDER
-from vlm_sapo.synthetic.tasks import (
+from vlm_sapo.demo.synthetic.tasks import (
     FAMILIES,
     GENERATORS,
     VIDEO_GENERATORS,

@@ -1,8 +1,8 @@
 """Synthetic multimodal tasks (math, chart, grounding; motion, a video task) drawn from a seed, and a small-vocabulary tiny Qwen-VL: the
 ingredients of the CPU demo (`python -m vlm_sapo.demo`)."""
 
-from vlm_sapo.synthetic.dataset import SPLITS, generate_split_items, make_synthetic_data
-from vlm_sapo.synthetic.tasks import (
+from vlm_sapo.demo.synthetic.dataset import SPLITS, generate_split_items, make_synthetic_data
+from vlm_sapo.demo.synthetic.tasks import (
     ALL_FAMILIES,
     FAMILIES,
     GENERATORS,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 
-from vlm_sapo.synthetic.shapes import Shape, draw_shapes
+from vlm_sapo.demo.synthetic.shapes import Shape, draw_shapes
 
 DIRECTIONS = ("left", "right", "up", "down")
 _UNIT = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
@@ -18,7 +18,7 @@ _UNIT = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
 def make_motion(rng: random.Random, cfg, slot: int):
     """A `SyntheticItem` whose `frames` are the video (`cfg.motion_frames` frames) and whose answer is its direction."""
-    from vlm_sapo.synthetic.tasks import SyntheticItem
+    from vlm_sapo.demo.synthetic.tasks import SyntheticItem
 
     direction = DIRECTIONS[slot % len(DIRECTIONS)]
     colour, kind = rng.choice(cfg.colours), rng.choice(cfg.shapes)

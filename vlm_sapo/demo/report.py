@@ -196,7 +196,7 @@ above both controls.
 Families whose gain counts: {', '.join(ok) or 'none'}.
 
 - cold start: {cold['steps']} supervised steps, loss {cold['loss_first']:.2f} -> {cold['loss_last']:.2f}
-- RL: {config['rl_steps']} SAPO steps (`recipes/demo_cpu.yaml`)
+- RL: {config['rl_steps']} SAPO steps (`vlm_sapo/demo/demo_cpu.yaml`)
 - wall time: {result['wall_s']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in t.items())})
 
 ![reward](reward.png) ![accuracy](accuracy.png)

@@ -3,7 +3,7 @@ finding a described shape (grounding), and one video family: which way a shape m
 
 Each generator draws one scene from a `random.Random` and returns a `SyntheticItem`; its `key` names the scene up to
 pixel jitter, so that train, validation and test splits can be kept disjoint by content, not just by row. Difficulty is
-set by `SyntheticConfig`; its defaults were measured to suit the CPU demo's tiny model (see `vlm_sapo/demo.py`).
+set by `SyntheticConfig`; its defaults were measured to suit the CPU demo's tiny model (see `vlm_sapo/demo/pipeline.py`).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from vlm_sapo.synthetic.motion import make_motion
-from vlm_sapo.synthetic.shapes import BACKGROUND, COLOURS, SHAPES, Shape, draw_shapes, shape_in_cell
+from vlm_sapo.demo.synthetic.motion import make_motion
+from vlm_sapo.demo.synthetic.shapes import BACKGROUND, COLOURS, SHAPES, Shape, draw_shapes, shape_in_cell
 from vlm_sapo.tasks.answers import answer_key
 
 FAMILIES = ("math", "chart", "grounding")

@@ -11,10 +11,11 @@
    task text, so one RL step takes a fraction of a second instead of seconds;
 3. cold start: a short supervised warm-up on gold answers, so the policy follows the answer format and is right
    sometimes, far from always (RL needs groups whose rewards differ);
-4. RL: `vlm-sapo train recipes/demo_cpu.yaml` with the transformers rollout backend, the SAPO loss, G = 8;
+4. RL: `vlm-sapo train vlm_sapo/demo/demo_cpu.yaml` (package data beside this file) with the transformers
+   rollout backend, the SAPO loss, G = 8;
 5. evaluation: greedy accuracy on the held-out test split, before and after RL, per task family, beside the blind
    baseline (best constant answer) and the image-shuffled score; a report folder (`runs/demo/report/`, see
-   `vlm_sapo/demo_report.py`).
+   `vlm_sapo/demo/report.py`).
 
 Why it is shaped this way (measured on this CPU, see README "The demo"): the earlier unbalanced tasks let a blind
 policy score 30-58% with one constant answer, and RL on a blind cold start collapsed onto it; a Qwen-VL vision token
@@ -33,11 +34,13 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "recipes" / "demo_cpu.yaml"
+# The demo recipe is package data (pyproject.toml), read through importlib.resources, so that a non-editable install
+# (`pip install .`) runs the demo from any folder; a filesystem path, since recipes `base:` others beside them.
+RECIPE = Path(str(resources.files(__package__).joinpath("demo_cpu.yaml")))
 FAMILIES = ("math", "chart", "grounding")
 MODEL_FAMILY = "qwen2_5_vl"
 
@@ -72,8 +75,8 @@ def image_pixels(family: str = MODEL_FAMILY) -> tuple[int, int]:
     """The processor's smallest and largest pixel budget: one image token per 28-pixel grid cell. For Qwen2/2.5-VL
     (28-pixel tokens) those are the synthetic images themselves, never resized; Qwen3-VL's 32-pixel tokens take them
     scaled by 32/28, so that the cell borders still fall on token borders."""
+    from vlm_sapo.demo.synthetic import SyntheticConfig
     from vlm_sapo.models.tiny import image_token_pixels
-    from vlm_sapo.synthetic import SyntheticConfig
 
     sides = [SyntheticConfig().side(f) // 28 * image_token_pixels(family) for f in FAMILIES]
     return min(sides) ** 2, max(sides) ** 2
@@ -84,7 +87,7 @@ def split_paths(data_dir: Path) -> dict[str, dict[str, Path]]:
 
 
 def make_data(out: Path, cfg: DemoConfig) -> dict[str, dict[str, Path]]:
-    from vlm_sapo.synthetic import make_synthetic_data
+    from vlm_sapo.demo.synthetic import make_synthetic_data
 
     return make_synthetic_data(out, seed=cfg.seed, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test)
 
@@ -93,7 +96,7 @@ def tokenizer_corpus(paths: dict[str, dict[str, Path]], family: str = MODEL_FAMI
     """What the model will read and write: every train question with its task instruction and gold completion."""
     from vlm_sapo.data import Sample
     from vlm_sapo.data.sample import IMAGE_PLACEHOLDER
-    from vlm_sapo.synthetic import gold_completion
+    from vlm_sapo.demo.synthetic import gold_completion
     from vlm_sapo.tasks import coord_system_for_family, get_task
 
     coords = coord_system_for_family(family)
@@ -108,7 +111,7 @@ def tokenizer_corpus(paths: dict[str, dict[str, Path]], family: str = MODEL_FAMI
 
 
 def build_model(out: Path, paths: dict[str, dict[str, Path]], cfg: DemoConfig, pixels: tuple[int, int]) -> Path:
-    from vlm_sapo.synthetic.vocab import build_small_vocab_tiny
+    from vlm_sapo.demo.synthetic.vocab import build_small_vocab_tiny
 
     # Qwen2.5-VL's windowed vision attention: the last block attends over the whole image.
     extra = {"vision_fullatt_block_indexes": [cfg.vision_depth - 1]} if cfg.family == "qwen2_5_vl" else {}
@@ -129,11 +132,11 @@ def load_split(paths: dict[str, dict[str, Path]], split: str, limit: int | None 
 def cold_start(init_dir: Path, out: Path, paths: dict[str, dict[str, Path]], cfg: DemoConfig,
                pixels: tuple[int, int]) -> dict[str, Any]:
     """Supervised warm-up of the random model; saves the policy and its processor to `out`."""
+    from vlm_sapo.demo.sft import prepare_examples, supervised_warmup
+    from vlm_sapo.demo.synthetic import gold_completion
     from vlm_sapo.models.loading import load_policy, load_processor
     from vlm_sapo.models.moe import save_policy
     from vlm_sapo.models.vision import freeze_vision_params
-    from vlm_sapo.sft import prepare_examples, supervised_warmup
-    from vlm_sapo.synthetic import gold_completion
 
     processor = load_processor(init_dir)
     model = load_policy(init_dir, dtype="float32")
@@ -157,8 +160,8 @@ def evaluate(model_dir: Path, paths: dict[str, dict[str, Path]], pixels: tuple[i
     """Greedy accuracy on the held-out test split, scored by each task's own reward, with the spread of the answers
     (`<task>/answers_distinct`, `<task>/answers_top_share`). With `shuffle_seed`, every row is shown another row's
     image (the image-shuffled control)."""
+    from vlm_sapo.demo.sft import greedy_accuracy, prepare_examples
     from vlm_sapo.models.loading import load_policy, load_processor
-    from vlm_sapo.sft import greedy_accuracy, prepare_examples
 
     processor = load_processor(model_dir, min_pixels=pixels[0], max_pixels=pixels[1])
     model = load_policy(model_dir, dtype="float32")
@@ -199,7 +202,7 @@ def blind_baseline(paths: dict[str, dict[str, Path]]) -> dict[str, dict]:
     the task's own reward. It needs no model: a constant answer does not depend on what the model sees."""
     import dataclasses
 
-    from vlm_sapo.synthetic import gold_completion
+    from vlm_sapo.demo.synthetic import gold_completion
     from vlm_sapo.tasks import get_task
     from vlm_sapo.tasks.answers import answer_key
 
@@ -240,7 +243,7 @@ def run_rl(out: Path, cold_dir: Path, data_dir: Path, cfg: DemoConfig, extra: li
 def run_demo(out: Path, cfg: DemoConfig, extra_overrides: list[str] | None = None) -> dict[str, Any]:
     import torch
 
-    from vlm_sapo import demo_report as rep
+    from vlm_sapo.demo import report as rep
 
     torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
@@ -309,7 +312,7 @@ def format_accuracies(scores: dict[str, float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vlm_sapo.demo_report import seeds_table
+    from vlm_sapo.demo.report import seeds_table
     from vlm_sapo.models.tiny import FAMILIES as TINY_FAMILIES
 
     parser = argparse.ArgumentParser(prog="python -m vlm_sapo.demo", description=__doc__.splitlines()[0])
@@ -322,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sft-steps", type=int, default=DemoConfig.sft_steps)
     parser.add_argument("--threads", type=int, default=DemoConfig.threads, help="torch threads (1 is fastest for "
                         "this tiny model on a busy 2-core machine)")
-    parser.add_argument("overrides", nargs="*", metavar="a.b.c=value", help="overrides for recipes/demo_cpu.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="a.b.c=value", help="overrides for the demo recipe "
+                        "(vlm_sapo/demo/demo_cpu.yaml)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

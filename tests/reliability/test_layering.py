@@ -28,7 +28,7 @@ LAYERS: dict[str, int] = {
     "eval": 3,
     "trainer": 4,
     # entry points
-    "cli": 5, "demo": 5, "demo_report": 5, "sft": 5, "synthetic": 5,
+    "cli": 5, "demo": 5,
 }
 WALLS: dict[str, set[str]] = {  # unit -> units it must never import, whatever their layer
     "rollout": {"tasks", "rewards", "reward_pool", "scoring"},

@@ -16,6 +16,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from learner_batches import make_batch, make_learner, take_rows, weights  # noqa: E402
 
+from vlm_sapo.learner import Objective, UpdateBatch  # noqa: E402
+
 SHARES = ([0, 1, 2], [3, 4])
 ADV = torch.tensor([1.0, -0.5, 0.8, -1.2, 0.3])
 CASES = (("sapo", 2), ("dapo", 3))  # a sequence-mean loss under ZeRO-2, a token-mean one under ZeRO-3
@@ -33,7 +35,7 @@ def run_one(model_dir: Path, loss_name: str, zero_stage: int, rows: list[int]) -
     batch = take_rows(make_batch(model_dir), rows, model_dir)
     learner = make_learner(model_dir, zero_stage=zero_stage, **LEARNER)
     old = off_policy_old(learner, batch, rows)
-    metrics = learner.update(batch, old, ADV[rows], loss_name, {})
+    metrics = learner.update(UpdateBatch(batch, ADV[rows], old), Objective(loss_name))
     return metrics, weights(learner)
 
 

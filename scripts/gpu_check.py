@@ -31,6 +31,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     import transformers
 
     from vlm_sapo.algos import get_advantage_estimator
-    from vlm_sapo.learner import Learner
+    from vlm_sapo.learner import Learner, Objective, UpdateBatch
     from vlm_sapo.rollout import SamplingConfig
     from vlm_sapo.rollout.hf_engine import HFRolloutEngine
 
@@ -220,9 +221,12 @@ def main(argv: list[str] | None = None) -> dict:
     model = build_model(tok, tiny=args.tiny, device=device, dtype=dtype)
     counts = param_counts(model)
     report.update(params=counts, build_s=round(time.perf_counter() - t0, 1))
-    learner = Learner(model, backend="torch", bf16=dtype == torch.bfloat16, lr=args.lr,
-                      micro_batch_tokens=args.micro_batch_tokens, gradient_checkpointing=not args.tiny,
-                      total_steps=max(args.steps, 1))
+    # the recipe's `learner` and `model` sections as plain namespaces: pydantic (the recipe's schema) is absent here
+    learner_cfg = SimpleNamespace(zero_stage=2, deepspeed_config=None, lr=args.lr, lr_schedule="constant",
+                                  warmup_steps=0, steps=max(args.steps, 1), weight_decay=0.0, betas=(0.9, 0.999),
+                                  grad_clip=1.0, micro_batch_tokens=args.micro_batch_tokens, logprob_chunk_size=1024)
+    model_cfg = SimpleNamespace(gradient_checkpointing=not args.tiny, freeze_vision_tower=False, lora=None)
+    learner = Learner(model, learner_cfg, model_cfg, backend="torch", bf16=dtype == torch.bfloat16)
     engine = HFRolloutEngine(learner.policy, None, tokenizer=tok)  # samples with the learner's own module
     grpo = get_advantage_estimator("grpo")
     prompts = make_prompts(tok, args.prompts, args.grid, seed=0)
@@ -244,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
             batch, rollout_logp = policy_batch(prompts, ro, tok.pad_token_id)
             sync(device)
             t0 = time.perf_counter()
-            m = learner.update(batch, None, adv, "sapo", {}, rollout_logp=rollout_logp)
+            m = learner.update(UpdateBatch(batch, adv, rollout_logp=rollout_logp), Objective("sapo"))
             sync(device)
             upd_s = time.perf_counter() - t0
             gen_tokens = sum(len(c.completion_ids) for c in ro.completions)

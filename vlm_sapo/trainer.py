@@ -10,7 +10,7 @@ What it simplifies, on purpose:
   never cross ranks; logged reward metrics are rank 0's slice.
 - Old logprobs are recomputed by the learner (exact for any number of mini-batches), except on-policy (K = 1 and no
   truncated importance sampling): there pi_old is the current policy, and the update uses the detached logprobs of
-  its own forward (`Learner.update(old_logp=None)`), saving a no-grad pass over the batch. The rollout engine's own
+  its own forward (`UpdateBatch(old_logp=None)`), saving a no-grad pass over the batch. The rollout engine's own
   logprobs feed the train/rollout mismatch metrics and the optional truncated importance-sampling correction.
 - The transformers rollout backend generates with the learner's own module under ZeRO-1/2 (no copy, no sync); under
   ZeRO-3 and with vLLM the engine holds its own weights and gets the learner's after every step.
@@ -62,7 +62,7 @@ from vlm_sapo.data.mix import TaskMixSampler
 from vlm_sapo.data.prompts import PromptTooLongError, RenderedPrompt
 from vlm_sapo.data.sample import Sample
 from vlm_sapo.eval import evaluate, load_benchmark
-from vlm_sapo.learner import Learner, dist_env
+from vlm_sapo.learner import Learner, Objective, UpdateBatch, dist_env
 from vlm_sapo.metrics_log import MetricsLog, read_metrics
 from vlm_sapo.models.loading import load_policy, load_processor, model_family
 from vlm_sapo.models.logprobs import build_policy_inputs
@@ -151,7 +151,30 @@ def _restart_state() -> tuple[int, int]:
 
 class Trainer:
     def __init__(self, recipe: Recipe, *, resume: str | None = None):
+        """Each part is built from its own recipe section, in this order: processes, run folder and resume point
+        (refused before anything is built if the recipe changed), policy and processor, data and rewards, learner,
+        rollout engine, then the resumed state and the metrics log."""
         self.recipe = r = recipe
+        self._setup_processes()
+        self.run_dir = Path(r.logging.dir.format(name=r.name))
+        self.ckpt_root = self.run_dir / "checkpoints"
+        resume = resume if resume is not None else r.checkpoint.resume
+        self.forced_resume = resume == FORCE
+        ckpt = self._resume_point(resume)  # refused here, before anything is built, if the recipe changed
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "recipe.yaml").write_text(dump_recipe(r))
+        model = self._setup_policy()
+        self._setup_data()
+        self._setup_learner(model)
+        self.engine, self.engine_shares_weights = self._build_engine()
+        self.sampling = SamplingConfig(temperature=r.rollout.temperature, top_p=r.rollout.top_p, top_k=r.rollout.top_k,
+                                       max_new_tokens=r.rollout.max_new_tokens, stop=tuple(r.rollout.stop))
+        self._setup_state(ckpt)
+
+    # ------------------------------------------------------------------------------------------------ set-up helpers
+    def _setup_processes(self) -> None:
+        """Rank, world size, this rank's GPU and seed."""
+        r = self.recipe
         self.launched = "RANK" in os.environ  # by torchrun/deepspeed, not by us (a restart must not reuse our port)
         dist_env.init_distributed()  # before reading rank and world size (a launcher may have set them)
         self.rank, self.world = dist_env.rank(), dist_env.world_size()
@@ -161,32 +184,31 @@ class Trainer:
             raise TrainingError(f"data.prompts_per_step ({r.data.prompts_per_step}) must be divisible by the number "
                                 f"of processes ({self.world})")
         _seed_everything(r.seed + self.rank)
-        self.run_dir = Path(r.logging.dir.format(name=r.name))
-        self.ckpt_root = self.run_dir / "checkpoints"
-        resume = resume if resume is not None else r.checkpoint.resume
-        self.forced_resume = resume == FORCE
-        ckpt = self._resume_point(resume)  # refused here, before anything is built, if the recipe changed
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "recipe.yaml").write_text(dump_recipe(r))
 
-        self.model_path = resolve_tiny(r.model.path)
-        self.processor = load_processor(self.model_path, min_pixels=r.model.min_pixels, max_pixels=r.model.max_pixels,
-                                        trust_remote_code=r.model.trust_remote_code,
-                                        video_min_pixels=r.model.video_min_pixels,
-                                        video_max_pixels=r.model.video_max_pixels,
-                                        video_max_frames=r.data.video_max_frames, video_fps=r.data.video_fps)
-        model = load_policy(self.model_path, dtype=r.model.dtype, attn_implementation=r.model.attn_implementation,
-                            trust_remote_code=r.model.trust_remote_code)
+    def _setup_policy(self) -> torch.nn.Module:
+        """The processor and the policy model (`model` section, video sampling from `data`); returns the model."""
+        m, d = self.recipe.model, self.recipe.data
+        self.model_path = resolve_tiny(m.path)
+        self.processor = load_processor(self.model_path, min_pixels=m.min_pixels, max_pixels=m.max_pixels,
+                                        trust_remote_code=m.trust_remote_code, video_min_pixels=m.video_min_pixels,
+                                        video_max_pixels=m.video_max_pixels, video_max_frames=d.video_max_frames,
+                                        video_fps=d.video_fps)
+        model = load_policy(self.model_path, dtype=m.dtype, attn_implementation=m.attn_implementation,
+                            trust_remote_code=m.trust_remote_code)
         self.family = model_family(model.config)
-        self.replay = r.algorithm.routing_replay
+        self.replay = self.recipe.algorithm.routing_replay
         if self.replay != "none" and not is_moe(model.config):
-            raise RecipeError(str(r.name), [f"`algorithm.routing_replay: {self.replay}` needs a mixture-of-experts "
-                                            f"policy, but `model.path` ({r.model.path}) is a dense {self.family} model "
-                                            "with no router to replay; use `none`"])
+            raise RecipeError(str(self.recipe.name), [
+                f"`algorithm.routing_replay: {self.replay}` needs a mixture-of-experts policy, but `model.path` "
+                f"({m.path}) is a dense {self.family} model with no router to replay; use `none`"])
         self.patch_size = int(model.config.vision_config.patch_size)
-        self.coord_system = r.data.coord_system if r.data.coord_system != "auto" else coord_system_for_family(self.family)
+        self.coord_system = d.coord_system if d.coord_system != "auto" else coord_system_for_family(self.family)
         self.pad_id = self.processor.tokenizer.pad_token_id
+        return model
 
+    def _setup_data(self) -> None:
+        """Training and validation sources, the task-mix sampler, the reward pool and the eval benchmarks."""
+        r = self.recipe
         self.skipped_rows = 0
         self.sources = [self._load_source(s) for s in r.data.train]
         self.val_sources = [self._load_source(s) for s in r.data.val]
@@ -200,30 +222,27 @@ class Trainer:
         self.eval_benchmarks = [load_benchmark(b, data_root=r.eval.data_root, limit=r.eval.limit)
                                 for b in r.eval.benchmarks]
 
-        self.loss_hparams = r.algorithm.loss.hparams()
-        if r.algorithm.loss.name == "drgrpo" and "max_length" not in self.loss_hparams:
-            self.loss_hparams["max_length"] = r.rollout.max_new_tokens  # the longest completion the rollout allows
-        self.advantage = get_advantage_estimator(r.algorithm.advantage.name)
-        self.learner = Learner(
-            model, zero_stage=r.learner.zero_stage, deepspeed_config=r.learner.deepspeed_config, lr=r.learner.lr,
-            lr_schedule=r.learner.lr_schedule, warmup_steps=r.learner.warmup_steps,
-            total_steps=r.learner.steps * r.algorithm.mini_batches, weight_decay=r.learner.weight_decay,
-            betas=r.learner.betas, grad_clip=r.learner.grad_clip, micro_batch_tokens=r.learner.micro_batch_tokens,
-            gradient_checkpointing=r.model.gradient_checkpointing, freeze_vision=r.model.freeze_vision_tower,
-            lora_rank=r.model.lora.rank if r.model.lora else 0, lora_alpha=r.model.lora.alpha if r.model.lora else None,
-            lora_dropout=r.model.lora.dropout if r.model.lora else 0.0,
-            lora_target_modules=r.model.lora.target_modules if r.model.lora else None,
-            temperature=r.rollout.temperature, logprob_chunk_size=r.learner.logprob_chunk_size,
-            kl_reference=r.algorithm.kl_coef > 0,
-        )
-        self.engine, self.engine_shares_weights = self._build_engine()
-        self.sampling = SamplingConfig(temperature=r.rollout.temperature, top_p=r.rollout.top_p, top_k=r.rollout.top_k,
-                                       max_new_tokens=r.rollout.max_new_tokens, stop=tuple(r.rollout.stop))
+    def _setup_learner(self, model: torch.nn.Module) -> None:
+        """The learner from the `learner` and `model` sections, and the objective of its updates from `algorithm`."""
+        r, a = self.recipe, self.recipe.algorithm
+        hparams = a.loss.hparams()
+        if a.loss.name == "drgrpo" and "max_length" not in hparams:
+            hparams["max_length"] = r.rollout.max_new_tokens  # the longest completion the rollout allows
+        self.objective = Objective(a.loss.name, hparams, tis_cap=a.tis_cap, kl_coef=a.kl_coef,
+                                   kl_estimator=a.kl_estimator)
+        self.advantage = get_advantage_estimator(a.advantage.name)
+        # the schedule spans every update (mini_batches per step); logprobs at the rollout's sampling temperature
+        self.learner = Learner(model, r.learner, r.model, total_steps=r.learner.steps * a.mini_batches,
+                               temperature=r.rollout.temperature, kl_reference=a.kl_coef > 0)
 
+    def _setup_state(self, ckpt: Path | None) -> None:
+        """Step and counters (from `ckpt` when resuming, with the weights pushed to the engine) and the metrics log."""
+        r = self.recipe
         self.step = 0
         self.collapsed_tasks: set[str] = set()  # tasks whose training answers were collapsed at the last step
         self.dropped_prompts = 0
         self.render_skipped = 0  # rows whose prompt could not be rendered (data.on_bad_row=skip)
+        state: dict[str, Any] = {}
         if ckpt is not None:
             state = load_checkpoint(self.learner, ckpt)
             self.step = int(state["step"])
@@ -238,7 +257,6 @@ class Trainer:
         if ckpt is not None and self.metrics is not None:
             self._restore_metrics_line(state.get("metrics_line"))
 
-    # ------------------------------------------------------------------------------------------------ set-up helpers
     def _resume_point(self, resume: str) -> Path | None:
         """The checkpoint to resume (`auto`/`force`: the newest valid one; `never`: none; else that folder), refused
         when it was written under a recipe that differs outside `resume_guard.RESUMABLE_CHANGES`."""
@@ -485,9 +503,7 @@ class Trainer:
         t0 = time.perf_counter()
         updates = []
         for batch, rollout_logp, old_logp, ref_logp, a in prepared:
-            m = self.learner.update(batch, old_logp, a, r.algorithm.loss.name, self.loss_hparams,
-                                    rollout_logp=rollout_logp, tis_cap=r.algorithm.tis_cap, kl_coef=kl_coef,
-                                    ref_logp=ref_logp, kl_estimator=r.algorithm.kl_estimator)
+            m = self.learner.update(UpdateBatch(batch, a, old_logp, rollout_logp, ref_logp), self.objective)
             updates.append(m)
             if _fault_due("kill_at:update", self.step + 1):
                 _sigkill_self()

@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script (torchrun): the `tests` package
 from tests.learner.learner_batches import make_batch, make_learner, take_rows, weights  # noqa: E402
+from vlm_sapo.learner import Objective, UpdateBatch  # noqa: E402
 
 SHARES = ([0, 1, 2], [3, 4])
 ADV = torch.tensor([1.0, -0.5, 0.8, -1.2, 0.3])
@@ -33,7 +34,7 @@ def run_one(model_dir: Path, loss_name: str, zero_stage: int, rows: list[int]) -
     batch = take_rows(make_batch(model_dir), rows, model_dir)
     learner = make_learner(model_dir, zero_stage=zero_stage, **LEARNER)
     old = off_policy_old(learner, batch, rows)
-    metrics = learner.update(batch, old, ADV[rows], loss_name, {})
+    metrics = learner.update(UpdateBatch(batch, ADV[rows], old), Objective(loss_name))
     return metrics, weights(learner)
 
 

@@ -87,11 +87,31 @@ def load_model(path: Path) -> torch.nn.Module:
     return AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
 
 
+LEARNER_OPTIONS = ("total_steps", "temperature", "kl_reference", "backend", "bf16", "eps", "track_entropy")
+
+
+def learner_sections(path: Path, **kwargs):
+    """The recipe's `learner` and `model` sections and the Learner's own keywords, from one set of keyword arguments:
+    fields of either section (`lora` as a dict of LoraCfg fields) or a `LEARNER_OPTIONS` name. Defaults: lr 1e-3, no
+    weight decay. The sections are built unvalidated (`model_construct`), as a caller without the recipe's schema
+    passes them, so the Learner's own checks are what these tests meet."""
+    from vlm_sapo.recipe import LearnerCfg, LoraCfg, ModelCfg
+
+    options = {k: kwargs.pop(k) for k in LEARNER_OPTIONS if k in kwargs}
+    model = {k: kwargs.pop(k) for k in list(kwargs) if k in ModelCfg.model_fields}
+    unknown = set(kwargs) - set(LearnerCfg.model_fields)
+    assert not unknown, f"not a learner or model field, nor a Learner option: {sorted(unknown)}"
+    if isinstance(model.get("lora"), dict):
+        model["lora"] = LoraCfg(**model["lora"])
+    cfg = LearnerCfg.model_construct(**{"lr": 1e-3, "weight_decay": 0.0, **kwargs})
+    return cfg, ModelCfg.model_construct(path=str(path), **model), options
+
+
 def make_learner(path: Path, **kwargs):
     from vlm_sapo.learner import Learner
 
-    kwargs.setdefault("lr", 1e-3)
-    return Learner(load_model(path), **kwargs)
+    cfg, model_cfg, options = learner_sections(path, **kwargs)
+    return Learner(load_model(path), cfg, model_cfg, **options)
 
 
 def weights(learner) -> dict[str, torch.Tensor]:

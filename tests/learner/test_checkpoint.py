@@ -21,6 +21,7 @@ from vlm_sapo.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
+from vlm_sapo.learner import Objective, UpdateBatch
 
 ADV = torch.tensor([1.0, -0.5, 0.8, -1.2, 0.3])
 SCHEDULE = dict(lr=5e-3, lr_schedule="cosine", warmup_steps=3, total_steps=6, weight_decay=0.01,
@@ -40,7 +41,7 @@ def _latest(root):
 
 
 def _step(learner, batch):
-    return learner.update(batch, learner.compute_logprobs(batch), ADV, "sapo", {})
+    return learner.update(UpdateBatch(batch, ADV, learner.compute_logprobs(batch)), Objective("sapo"))
 
 
 def test_resume_continues_exactly(small_qwen25_dir, policy_batch, tmp_path):
@@ -128,7 +129,7 @@ def test_trainer_state_must_be_json(small_qwen25_dir, tmp_path):
 def test_hf_export_reloads_with_identical_logits(small_qwen25_dir, policy_batch, tmp_path, lora):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    kwargs = dict(lora_rank=4, lora_target_modules=["q_proj", "v_proj"]) if lora else {}
+    kwargs = dict(lora=dict(rank=4, alpha=8.0, target_modules=["q_proj", "v_proj"])) if lora else {}
     learner = make_learner(small_qwen25_dir, zero_stage=2, lr=1e-2, micro_batch_tokens=150, **kwargs)
     _step(learner, policy_batch)
     out = export_hf(learner, small_qwen25_dir, tmp_path / "hf")

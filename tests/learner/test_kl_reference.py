@@ -9,6 +9,7 @@ import torch
 
 from tests.learner.learner_batches import load_model, make_learner
 from tests.learner.test_update import ADV, naive_logprobs
+from vlm_sapo.learner import Objective, UpdateBatch
 
 
 def _hand_kl(logp: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, estimator: str) -> float:
@@ -31,13 +32,14 @@ def test_reference_is_the_initial_weights_and_the_kl_matches_a_hand_computation(
     assert learner.reference.nbytes == 4 * n_params  # one fp32 copy of every parameter
     torch.testing.assert_close(learner.compute_ref_logprobs(policy_batch) * mask, initial * mask, atol=2e-5, rtol=0)
 
-    learner.update(policy_batch, None, ADV, "sapo", {})  # the policy moves; the reference must not
+    learner.update(UpdateBatch(policy_batch, ADV), Objective("sapo"))  # the policy moves; the reference must not
     for estimator, coef in (("k3", 0.5), ("k1", 0.2), ("k2", 1.0)):
         ref = learner.compute_ref_logprobs(policy_batch)
         torch.testing.assert_close(ref * mask, initial * mask, atol=2e-5, rtol=0)
         logp = learner.compute_logprobs(policy_batch)
         assert float(((logp - ref) * mask).abs().max()) > 1e-3, "the policy must have moved for this test to bite"
-        m = learner.update(policy_batch, None, ADV, "sapo", {}, kl_coef=coef, ref_logp=ref, kl_estimator=estimator)
+        m = learner.update(UpdateBatch(policy_batch, ADV, ref_logp=ref),
+                           Objective("sapo", kl_coef=coef, kl_estimator=estimator))
         want = _hand_kl(logp, ref, mask, estimator)
         assert m["kl"] == pytest.approx(want, rel=1e-4, abs=1e-7), estimator
         assert m["loss"] - m["policy_loss"] == pytest.approx(coef * want, rel=1e-4, abs=1e-7), estimator
@@ -47,9 +49,9 @@ def test_lora_reference_is_the_base_model_without_a_copy(small_qwen25_dir, polic
     mask = policy_batch["completion_mask"]
     with torch.no_grad():
         initial = naive_logprobs(load_model(small_qwen25_dir), policy_batch)
-    learner = make_learner(small_qwen25_dir, zero_stage=2, kl_reference=True, lora_rank=4, lora_alpha=8.0, lr=1e-2)
+    learner = make_learner(small_qwen25_dir, zero_stage=2, kl_reference=True, lora=dict(rank=4, alpha=8.0), lr=1e-2)
     assert learner.reference is None
-    learner.update(policy_batch, None, ADV, "sapo", {})
+    learner.update(UpdateBatch(policy_batch, ADV), Objective("sapo"))
     ref = learner.compute_ref_logprobs(policy_batch)
     torch.testing.assert_close(ref * mask, initial * mask, atol=2e-5, rtol=0)
     assert float(((learner.compute_logprobs(policy_batch) - ref) * mask).abs().max()) > 1e-4

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.learner.learner_batches import load_model, make_learner, weights
+from vlm_sapo.learner import Objective, UpdateBatch
 
 ADV = torch.tensor([1.0, -0.5, 0.8, -1.2, 0.3])
 LM_TARGETS = ("q_proj", "v_proj", "gate_proj")
@@ -24,15 +25,15 @@ def _model_logprobs(model, batch):
 def test_lora_update_and_merged_weights(small_qwen25_dir, policy_batch, zero_stage):
     base = {n: p.detach().clone() for n, p in load_model(small_qwen25_dir).named_parameters()}
     rank, alpha = 4, 8.0
-    learner = make_learner(small_qwen25_dir, zero_stage=zero_stage, lr=1e-2, lora_rank=rank, lora_alpha=alpha,
-                           lora_target_modules=list(LM_TARGETS), freeze_vision=True, micro_batch_tokens=150)
+    learner = make_learner(small_qwen25_dir, zero_stage=zero_stage, lr=1e-2, lora=dict(rank=rank, alpha=alpha, target_modules=list(LM_TARGETS)),
+                           freeze_vision_tower=True, micro_batch_tokens=150)
     trainable = [n for n, p in learner.policy.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     assert not any(".visual." in n for n in trainable), "a frozen vision tower must get no adapters"
 
     for _ in range(2):
         old = learner.compute_logprobs(policy_batch)
-        assert learner.update(policy_batch, old, ADV, "sapo", {})["skipped"] == 0
+        assert learner.update(UpdateBatch(policy_batch, ADV, old), Objective("sapo"))["skipped"] == 0
     merged = weights(learner)
     assert set(merged) == set(base), "merged weights must carry exactly the HF state_dict names"
 
@@ -84,6 +85,6 @@ class _gathered:
 
 def test_lora_needs_matching_targets(small_qwen25_dir):
     with pytest.raises(ValueError, match="match no layer"):
-        make_learner(small_qwen25_dir, lora_rank=4, lora_target_modules=["no_such_proj"])
+        make_learner(small_qwen25_dir, lora=dict(rank=4, target_modules=["no_such_proj"]))
     with pytest.raises(ValueError, match="needs a LoRA learner"):
         make_learner(small_qwen25_dir).compute_logprobs({}, adapters=False)

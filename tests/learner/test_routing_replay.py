@@ -21,6 +21,7 @@ from tests.learner.test_update import (
     ref_sapo,
     reference_step,
 )
+from vlm_sapo.learner import Objective, UpdateBatch
 from vlm_sapo.models.logprobs import token_logprobs
 from vlm_sapo.models.moe import save_policy
 from vlm_sapo.models.routing import record_routing, replay_routing, take_replay_counts
@@ -102,7 +103,7 @@ def test_r2_update_matches_a_replayed_reference_step(small_qwen3_moe_dir, moe_ba
         **LINEAR_ADAM)
     learner = make_learner(moved, zero_stage=zero_stage, grad_clip=None, micro_batch_tokens=100, **LINEAR_ADAM)
     take_replay_counts(learner.hf_model)
-    m = learner.update(batch, old, ADV, "sapo", {})
+    m = learner.update(UpdateBatch(batch, ADV, old), Objective("sapo"))
     done, overrode = take_replay_counts(learner.hf_model)
     assert m["micro_batches"] >= 3 and m["skipped"] == 0
     assert 0 < overrode < done
@@ -171,11 +172,11 @@ def test_moe_lora_update_and_export_in_the_released_layout(small_qwen3_moe_dir, 
 
     from vlm_sapo.checkpoint import export_hf
 
-    learner = make_learner(small_qwen3_moe_dir, zero_stage=zero_stage, lr=1e-2, lora_rank=4,
-                           lora_target_modules=["q_proj", "v_proj"], micro_batch_tokens=150)
+    learner = make_learner(small_qwen3_moe_dir, zero_stage=zero_stage, lr=1e-2,
+                           lora=dict(rank=4, alpha=8.0, target_modules=["q_proj", "v_proj"]), micro_batch_tokens=150)
     for _ in range(2):
         old = learner.compute_logprobs(moe_batch)
-        assert learner.update(moe_batch, old, ADV, "sapo", {})["skipped"] == 0
+        assert learner.update(UpdateBatch(moe_batch, ADV, old), Objective("sapo"))["skipped"] == 0
     base = {n: p.detach() for n, p in load_model(small_qwen3_moe_dir).named_parameters()}
     merged = weights(learner)
     changed = {n for n in base if not torch.equal(merged[n], base[n])}

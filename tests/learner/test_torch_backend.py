@@ -18,6 +18,7 @@ from tests.learner.test_update import (
     reference_step,
 )
 from vlm_sapo.checkpoint import load_checkpoint, save_checkpoint
+from vlm_sapo.learner import Objective, UpdateBatch
 
 
 @pytest.fixture
@@ -35,7 +36,7 @@ def test_torch_backend_matches_hand_written_adamw_step(small_qwen25_dir, policy_
     learner = make_learner(small_qwen25_dir, backend="torch", weight_decay=0.1, grad_clip=0.05,
                            micro_batch_tokens=100, **LINEAR_ADAM)
     assert learner.zero_stage == 0 and type(learner.engine).__name__ == "TorchEngine"
-    m = learner.update(policy_batch, old, ADV, "sapo", {})
+    m = learner.update(UpdateBatch(policy_batch, ADV, old), Objective("sapo"))
     assert m["micro_batches"] >= 3 and m["skipped"] == 0
     assert m["loss"] == pytest.approx(ref_loss, rel=1e-5)
     assert m["grad_norm"] == pytest.approx(ref_norm, rel=1e-4)
@@ -45,19 +46,19 @@ def test_torch_backend_matches_hand_written_adamw_step(small_qwen25_dir, policy_
 def test_torch_backend_skips_nonfinite_and_resumes_exactly(small_qwen25_dir, policy_batch, old, tmp_path):
     kwargs = dict(backend="torch", lr=1e-3, warmup_steps=3, total_steps=10, micro_batch_tokens=150)
     a = make_learner(small_qwen25_dir, **kwargs)
-    a.update(policy_batch, old, ADV, "sapo", {})
+    a.update(UpdateBatch(policy_batch, ADV, old), Objective("sapo"))
     w0, lr0 = weights(a), a.lr
     bad = ADV.clone()
     bad[1] = float("nan")
-    m = a.update(policy_batch, old, bad, "sapo", {})
+    m = a.update(UpdateBatch(policy_batch, bad, old), Objective("sapo"))
     assert m["skipped"] == 1 and a.nonfinite_in_a_row == 1 and a.lr == lr0
     assert all(torch.equal(w0[n], t) for n, t in weights(a).items())
 
     path = save_checkpoint(a, tmp_path, 1, {"step": 1})
-    then = [a.update(policy_batch, old, ADV, "sapo", {}) for _ in range(2)]
+    then = [a.update(UpdateBatch(policy_batch, ADV, old), Objective("sapo")) for _ in range(2)]
     b = make_learner(small_qwen25_dir, **kwargs)
     assert load_checkpoint(b, path) == {"step": 1} and b.nonfinite_in_a_row == 1 and b.updates == 1
-    again = [b.update(policy_batch, old, ADV, "sapo", {}) for _ in range(2)]
+    again = [b.update(UpdateBatch(policy_batch, ADV, old), Objective("sapo")) for _ in range(2)]
     assert [(x["loss"], x["lr"], x["grad_norm"]) for x in again] == [(x["loss"], x["lr"], x["grad_norm"]) for x in then]
     assert all(torch.equal(t, weights(a)[n]) for n, t in weights(b).items())
 
@@ -69,7 +70,7 @@ def test_torch_backend_bf16_keeps_fp32_masters(small_qwen25_dir, policy_batch, o
     masters = [p for g in learner.optimizer.param_groups for p in g["params"]]
     assert masters and {p.dtype for p in masters} == {torch.float32}
     before = [p.detach().clone() for p in masters]
-    m = learner.update(policy_batch, old, ADV, "sapo", {})
+    m = learner.update(UpdateBatch(policy_batch, ADV, old), Objective("sapo"))
     with torch.no_grad():
         ref = float(ref_sapo(naive_logprobs(load_model(small_qwen25_dir), policy_batch), old, ADV, mask))
     assert m["skipped"] == 0 and m["loss"] == pytest.approx(ref, rel=2e-2)

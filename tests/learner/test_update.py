@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.learner.learner_batches import load_model, make_batch, make_learner, weights
+from vlm_sapo.learner import Objective, UpdateBatch
 
 LINEAR_ADAM = dict(lr=0.5, eps=1.0, betas=(0.9, 0.99))
 ADV = torch.tensor([1.0, -0.5, 0.8, -1.2, 0.3])
@@ -119,7 +120,7 @@ def test_update_matches_hand_written_adamw_step(request, family):
 
     learner = make_learner(small_qwen25_dir, zero_stage=2, weight_decay=0.1, grad_clip=0.05, micro_batch_tokens=100,
                            **LINEAR_ADAM)
-    m = learner.update(policy_batch, old, ADV, "sapo", {})
+    m = learner.update(UpdateBatch(policy_batch, ADV, old), Objective("sapo"))
     assert m["micro_batches"] >= 3
     assert m["skipped"] == 0 and m["tokens"] == int(mask.sum())
     assert m["loss"] == pytest.approx(ref_loss, rel=1e-5)
@@ -152,8 +153,8 @@ def test_logprobs_and_kl_tis_terms_match_reference(small_qwen25_dir, policy_batc
     logp = learner.compute_logprobs(policy_batch)
     torch.testing.assert_close(logp * mask, naive * mask, atol=2e-5, rtol=0)
 
-    m = learner.update(policy_batch, old, ADV, "grpo", {}, rollout_logp=rollout, tis_cap=cap, kl_coef=kl_coef,
-                       ref_logp=ref_lp)
+    m = learner.update(UpdateBatch(policy_batch, ADV, old, rollout_logp=rollout, ref_logp=ref_lp),
+                       Objective("grpo", tis_cap=cap, kl_coef=kl_coef))
     assert m["loss"] == pytest.approx(ref_loss, rel=1e-5)
     assert m["grad_norm"] == pytest.approx(ref_norm, rel=1e-4)
     valid = mask.bool()
@@ -176,7 +177,7 @@ def test_on_policy_update_without_old_logprobs_matches_reference(small_qwen25_di
     ref_loss, ref_norm, before, ref_after = reference_step(
         small_qwen25_dir, policy_batch, ref, weight_decay=0.0, grad_clip=1e9, **LINEAR_ADAM)
     learner = make_learner(small_qwen25_dir, zero_stage=2, grad_clip=None, micro_batch_tokens=100, **LINEAR_ADAM)
-    m = learner.update(policy_batch, None, ADV, loss_name, {}, rollout_logp=rollout)
+    m = learner.update(UpdateBatch(policy_batch, ADV, rollout_logp=rollout), Objective(loss_name))
     assert m["micro_batches"] >= 3 and m["skipped"] == 0
     assert m["loss"] == pytest.approx(ref_loss, rel=1e-5)
     assert m["grad_norm"] == pytest.approx(ref_norm, rel=1e-4)
@@ -186,7 +187,7 @@ def test_on_policy_update_without_old_logprobs_matches_reference(small_qwen25_di
         assert m["gate_weight_mean"] == pytest.approx(1.0, abs=1e-6)  # r = 1 exactly: w = 4 p (1 - p) = 1
     assert_same_update(before, weights(learner), ref_after)
     with pytest.raises(ValueError, match="tis_cap needs old_logp"):
-        learner.update(policy_batch, None, ADV, loss_name, {}, rollout_logp=rollout, tis_cap=2.0)
+        learner.update(UpdateBatch(policy_batch, ADV, rollout_logp=rollout), Objective(loss_name, tis_cap=2.0))
 
 
 @pytest.mark.parametrize(("loss_name", "hparams"), [("sapo", {}), ("dapo", {}), ("drgrpo", {"max_length": 12})])
@@ -201,7 +202,7 @@ def test_micro_batch_split_does_not_change_the_update(small_qwen25_dir, policy_b
         learner = make_learner(small_qwen25_dir, zero_stage=2, grad_clip=None, micro_batch_tokens=budget,
                                **LINEAR_ADAM)
         before = weights(learner)
-        m = learner.update(policy_batch, old, ADV, loss_name, hparams)
+        m = learner.update(UpdateBatch(policy_batch, ADV, old), Objective(loss_name, hparams))
         runs.append((m, weights(learner)))
         del learner
     (m_one, w_one), (m_many, w_many) = runs
@@ -228,7 +229,7 @@ def test_sapo_updates_raise_the_logprobs_of_rewarded_tokens(small_qwen25_dir, po
     for _ in range(10):
         old = learner.compute_logprobs(policy_batch)
         means.append(float(old[mask].mean()))
-        m = learner.update(policy_batch, old, torch.ones(5), "sapo", {})
+        m = learner.update(UpdateBatch(policy_batch, torch.ones(5), old), Objective("sapo"))
         assert m["skipped"] == 0 and m["loss"] == pytest.approx(-2.0)
     means.append(float(learner.compute_logprobs(policy_batch)[mask].mean()))
     assert means[-1] - means[0] > 1.0, f"mean log-prob of the rewarded tokens: {means}"
@@ -245,7 +246,7 @@ def test_nonfinite_loss_skips_the_step_and_counts(small_qwen25_dir, policy_batch
     mask = policy_batch["completion_mask"]
     learner = make_learner(small_qwen25_dir, zero_stage=2, micro_batch_tokens=150, warmup_steps=4, total_steps=10)
     old = learner.compute_logprobs(policy_batch)
-    learner.update(policy_batch, old, ADV, "sapo", {})
+    learner.update(UpdateBatch(policy_batch, ADV, old), Objective("sapo"))
     w0, lr0, sched0, steps0 = weights(learner), learner.lr, learner.scheduler.last_epoch, _optimizer_steps(learner)
     assert steps0 == 1
 
@@ -253,26 +254,28 @@ def test_nonfinite_loss_skips_the_step_and_counts(small_qwen25_dir, policy_batch
     bad_adv[3, mask[3].nonzero()[2, 0]] = float("nan")  # one completion token of one row
     bad_rollout = old.clone()
     bad_rollout[1, mask[1].nonzero()[0, 0]] = float("nan")  # a broken rollout log-prob, through truncated IS
-    for i, kwargs in enumerate([dict(advantages=bad_adv), dict(advantages=ADV, rollout_logp=bad_rollout, tis_cap=2.0)]):
-        m = learner.update(policy_batch, old, loss_name="sapo", loss_hparams={}, **kwargs)
+    cases = [(UpdateBatch(policy_batch, bad_adv, old), Objective("sapo")),
+             (UpdateBatch(policy_batch, ADV, old, rollout_logp=bad_rollout), Objective("sapo", tis_cap=2.0))]
+    for i, (batch, objective) in enumerate(cases):
+        m = learner.update(batch, objective)
         assert m["skipped"] == 1 and m["nonfinite_in_a_row"] == i + 1 == learner.nonfinite_in_a_row
         assert not math.isfinite(m["grad_norm"]) or not math.isfinite(m["loss"])
         assert all(torch.equal(w0[n], t) for n, t in weights(learner).items()), "a skipped step changed weights"
         assert (learner.lr, learner.scheduler.last_epoch, _optimizer_steps(learner)) == (lr0, sched0, steps0)
 
-    m = learner.update(policy_batch, old, ADV, "sapo", {})
+    m = learner.update(UpdateBatch(policy_batch, ADV, old), Objective("sapo"))
     assert m["skipped"] == 0 and learner.nonfinite_in_a_row == 0
     assert m["lr"] == pytest.approx(lr0) and learner.lr > lr0  # the warm-up resumed where it stood
     assert not all(torch.equal(w0[n], t) for n, t in weights(learner).items())
 
 
 def test_frozen_vision_tower_stays_unchanged(small_qwen25_dir, policy_batch):
-    learner = make_learner(small_qwen25_dir, zero_stage=2, freeze_vision=True, micro_batch_tokens=150,
+    learner = make_learner(small_qwen25_dir, zero_stage=2, freeze_vision_tower=True, micro_batch_tokens=150,
                            gradient_checkpointing=True)
     before = weights(learner)
     old = learner.compute_logprobs(policy_batch)
     for _ in range(2):
-        assert learner.update(policy_batch, old, ADV, "sapo", {})["skipped"] == 0
+        assert learner.update(UpdateBatch(policy_batch, ADV, old), Objective("sapo"))["skipped"] == 0
     after = weights(learner)
     vision = [n for n in before if n.startswith("model.visual.")]
     text = [n for n in before if n not in vision]
@@ -291,7 +294,7 @@ def test_zero3_matches_zero2(small_qwen25_dir, policy_batch):
         learner = make_learner(small_qwen25_dir, zero_stage=stage, grad_clip=0.05, micro_batch_tokens=100,
                                **LINEAR_ADAM)
         before = weights(learner)
-        m = learner.update(policy_batch, old, ADV, "dapo", {})
+        m = learner.update(UpdateBatch(policy_batch, ADV, old), Objective("dapo"))
         results[stage] = (m, weights(learner))
     (m2, w2), (m3, w3) = results[2], results[3]
     assert {n: t.shape for n, t in w3.items()} == {n: t.shape for n, t in before.items()}
@@ -306,13 +309,13 @@ def test_bad_inputs_name_the_problem(small_qwen25_dir, policy_batch):
     learner = make_learner(small_qwen25_dir, zero_stage=2)
     old = torch.zeros(policy_batch["input_ids"].shape)
     with pytest.raises(ValueError, match="old_logp has shape"):
-        learner.update(policy_batch, old[:, :-1], ADV, "sapo", {})
+        learner.update(UpdateBatch(policy_batch, ADV, old[:, :-1]), Objective("sapo"))
     with pytest.raises(ValueError, match="advantages has 4 rows"):
-        learner.update(policy_batch, old, ADV[:4], "sapo", {})
+        learner.update(UpdateBatch(policy_batch, ADV[:4], old), Objective("sapo"))
     with pytest.raises(ValueError, match="unknown policy loss"):
-        learner.update(policy_batch, old, ADV, "ppo2", {})
+        learner.update(UpdateBatch(policy_batch, ADV, old), Objective("ppo2"))
     with pytest.raises(ValueError, match="kl_coef > 0 needs ref_logp"):
-        learner.update(policy_batch, old, ADV, "sapo", {}, kl_coef=0.1)
+        learner.update(UpdateBatch(policy_batch, ADV, old), Objective("sapo", kl_coef=0.1))
     # a row without completion tokens scores nothing and is left out of the micro-batches
     partial_mask = policy_batch["completion_mask"].clone()
     partial_mask[2] = 0
@@ -320,10 +323,10 @@ def test_bad_inputs_name_the_problem(small_qwen25_dir, policy_batch):
     full, part = learner.compute_logprobs(policy_batch), learner.compute_logprobs(partial)
     assert torch.equal(part[2], torch.zeros_like(part[2]))
     torch.testing.assert_close(part * partial_mask, full * partial_mask, atol=1e-6, rtol=0)
-    assert learner.update(partial, part, ADV, "sapo", {})["tokens"] == int(partial_mask.sum())
+    assert learner.update(UpdateBatch(partial, ADV, part), Objective("sapo"))["tokens"] == int(partial_mask.sum())
     empty = {**policy_batch, "completion_mask": torch.zeros_like(policy_batch["completion_mask"])}
     with pytest.raises(ValueError, match="no completion token"):
-        learner.update(empty, old, ADV, "sapo", {})
+        learner.update(UpdateBatch(empty, ADV, old), Objective("sapo"))
     with pytest.raises(ValueError, match="zero_stage must be 1, 2 or 3"):
         make_learner(small_qwen25_dir, zero_stage=0)
 
@@ -336,14 +339,14 @@ def test_bf16_updates_and_guards_like_fp32(small_qwen25_dir, policy_batch):
         old = perturbed_old(naive_logprobs(load_model(small_qwen25_dir), policy_batch), mask)
     learner = make_learner(small_qwen25_dir, zero_stage=2, bf16=True, micro_batch_tokens=150)
     assert next(learner.policy.parameters()).dtype == torch.bfloat16
-    m = learner.update(policy_batch, old, ADV, "sapo", {})
+    m = learner.update(UpdateBatch(policy_batch, ADV, old), Objective("sapo"))
     with torch.no_grad():
         ref = float(ref_sapo(naive_logprobs(load_model(small_qwen25_dir), policy_batch), old, ADV, mask))
     assert m["skipped"] == 0 and m["loss"] == pytest.approx(ref, rel=2e-2)
     before = weights(learner)
     bad = ADV.clone()
     bad[0] = float("inf")
-    assert learner.update(policy_batch, old, bad, "sapo", {})["skipped"] == 1
+    assert learner.update(UpdateBatch(policy_batch, bad, old), Objective("sapo"))["skipped"] == 1
     assert all(torch.equal(before[n], t) for n, t in weights(learner).items())
 
 
@@ -358,5 +361,5 @@ def test_a_new_learner_after_the_process_group_was_destroyed_elsewhere(small_qwe
     assert torch.distributed.is_initialized()
     old = second.compute_logprobs(policy_batch)
     assert torch.allclose(old, reference, atol=1e-6)  # the same weights score the same
-    assert second.update(policy_batch, old, ADV, "sapo", {})["skipped"] == 0
+    assert second.update(UpdateBatch(policy_batch, ADV, old), Objective("sapo"))["skipped"] == 0
     assert not torch.allclose(second.compute_logprobs(policy_batch), old)  # and the update went through

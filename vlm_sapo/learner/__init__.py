@@ -4,5 +4,6 @@ Imports leaves only (`vlm_sapo.algos`, `vlm_sapo.models`); never tasks, rewards,
 """
 
 from vlm_sapo.learner.learner import Learner
+from vlm_sapo.learner.update_batch import Objective, UpdateBatch
 
-__all__ = ["Learner"]
+__all__ = ["Learner", "Objective", "UpdateBatch"]

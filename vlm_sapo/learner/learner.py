@@ -1,5 +1,8 @@
 """The policy learner: a Qwen-VL model under DeepSpeed ZeRO, updated one mini-batch at a time.
 
+Built from the recipe's sections: `Learner(model, recipe.learner, recipe.model, total_steps=..., temperature=...)`;
+`update(UpdateBatch(...), Objective(...))` makes one optimizer step (`vlm_sapo.learner.update_batch`).
+
 Loss scaling, the part that is easy to get subtly wrong:
 - a mini-batch is split into token-budget micro-batches (and, data-parallel, into ranks); each part's loss is
   multiplied by `aggregation_weight(part) / aggregation_weight(whole global mini-batch)` (valid tokens for token-mean
@@ -8,9 +11,9 @@ Loss scaling, the part that is easy to get subtly wrong:
 - DeepSpeed averages gradients over the data-parallel ranks, so each rank also multiplies by the world size. The
   global normaliser is an all-reduced count, so ranks holding unequal shares (rows or tokens) are still exact.
 - ranks must make the same collective calls in the same order: a rank with fewer micro-batches runs extra
-  zero-weight passes; a micro-batch without images runs the vision tower on a blank image (see `_TokenLogprobs`);
-  under ZeRO-3 each micro-batch scores its tokens in one lm_head chunk. All ranks must pass the same options
-  (loss, rollout_logp or not, old_logp or None, kl_coef) to `update`.
+  zero-weight passes; a micro-batch without images runs the vision tower on a blank image (see
+  `forward.TokenLogprobs`); under ZeRO-3 each micro-batch scores its tokens in one lm_head chunk. All ranks must pass
+  the same `Objective` and the same None-ness of `UpdateBatch`'s logprobs (rollout_logp, old_logp) to `update`.
 
 A non-finite loss or gradient norm on any rank makes DeepSpeed's ZeRO optimizer skip the step (gradients zeroed, no
 optimizer or scheduler step); the learner reports `skipped=1` and counts consecutive skips in `nonfinite_in_a_row`.
@@ -23,100 +26,86 @@ initial weights for a KL term (`compute_ref_logprobs`; `vlm_sapo.learner.referen
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import math
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vlm_sapo.algos import (
-    aggregate,
-    aggregation_weight,
-    get_policy_loss,
-    kl_penalty,
-    mismatch_metrics,
-    policy_loss_aggregation,
-    truncated_is_weight,
-)
+from vlm_sapo.algos import aggregate, aggregation_weight, kl_penalty
 from vlm_sapo.learner import dist_env
 from vlm_sapo.learner.ds_config import build_ds_config
+from vlm_sapo.learner.forward import TokenLogprobs, vision_dummy
 from vlm_sapo.learner.lora import apply_lora
 from vlm_sapo.learner.micro_batches import BatchLayout, MicroBatch, batch_layout, plan_micro_batches, slice_batch
 from vlm_sapo.learner.optim import adamw, lr_multiplier, param_groups
 from vlm_sapo.learner.reference import ReferencePolicy
 from vlm_sapo.learner.torch_engine import TorchEngine
+from vlm_sapo.learner.update_batch import (
+    CheckedUpdate,
+    MetricSums,
+    Objective,
+    UpdateBatch,
+    check_update,
+    completion_mask,
+)
 from vlm_sapo.learner.weights import hf_model, named_full_weights
-from vlm_sapo.models.logprobs import token_logprobs
 from vlm_sapo.models.routing import FREE, record_routing, replay_routing, routing_shape
-from vlm_sapo.models.vision import freeze_vision_params, vision_tower
+from vlm_sapo.models.vision import freeze_vision_params
+
+if TYPE_CHECKING:  # pydantic stays unimported: scripts/gpu_check.py runs where it is absent
+    from vlm_sapo.recipe import LearnerCfg, ModelCfg
 
 log = logging.getLogger(__name__)
 
 _DS_TAG = "deepspeed"  # sub-folder of a checkpoint that holds DeepSpeed's model/optimizer/scheduler files
 
 
+@dataclass
+class _Totals:
+    """An update's all-rank normalisers: the loss's aggregation weight, completion tokens, attended tokens."""
+
+    weight: float
+    tokens: float
+    attended: float
+
+
 class Learner:
     """A DeepSpeed-wrapped policy with `compute_logprobs` (no grad) and `update` (one optimizer step)."""
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        *,
-        zero_stage: int = 2,
-        deepspeed_config: str | Path | None = None,
-        lr: float = 1e-6,
-        lr_schedule: str = "constant",
-        warmup_steps: int = 0,
-        total_steps: int = 1,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        grad_clip: float | None = 1.0,
-        micro_batch_tokens: int = 8192,
-        bf16: bool | None = None,
-        gradient_checkpointing: bool = False,
-        freeze_vision: bool = False,
-        lora_rank: int = 0,
-        lora_alpha: float | None = None,
-        lora_dropout: float = 0.0,
-        lora_target_modules: list[str] | str | None = None,
-        temperature: float = 1.0,
-        logprob_chunk_size: int = 1024,
-        track_entropy: bool = True,
-        kl_reference: bool = False,
-        backend: str = "deepspeed",
-    ) -> None:
-        """`bf16=None` picks bf16 where a GPU supports it and fp32 otherwise (CPU). `backend="torch"` ignores
-        `zero_stage` and `deepspeed_config`."""
-        if backend not in ("deepspeed", "torch"):
-            raise ValueError(f"backend must be 'deepspeed' or 'torch', got {backend!r}")
-        if backend == "deepspeed" and zero_stage not in (1, 2, 3):
-            raise ValueError(f"zero_stage must be 1, 2 or 3 (the ZeRO optimizers detect non-finite gradients and "
-                             f"skip the step; stage 0 does not), got {zero_stage}")
-        if backend == "torch" and max(dist_env.world_size(), int(os.environ.get("WORLD_SIZE", "1"))) > 1:
-            raise ValueError("backend='torch' trains on one process (no ZeRO, no data parallel); use DeepSpeed "
-                             "for more than one")
-        if micro_batch_tokens < 1:
-            raise ValueError(f"micro_batch_tokens must be >= 1, got {micro_batch_tokens}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+    def __init__(self, model: torch.nn.Module, cfg: LearnerCfg, model_cfg: ModelCfg, *, total_steps: int | None = None,
+                 temperature: float = 1.0, kl_reference: bool = False, backend: str = "deepspeed",
+                 bf16: bool | None = None, eps: float = 1e-8, track_entropy: bool = True) -> None:
+        """`cfg` is the recipe's `learner` section (optimizer, schedule, ZeRO, micro-batch and logprob chunk sizes),
+        `model_cfg` its `model` section (gradient checkpointing, the vision-tower freeze, LoRA). They are read field
+        by field, so any object with those fields does (scripts/gpu_check.py passes namespaces: pydantic is absent
+        on its machine). The keywords are what those sections do not hold:
+        - `total_steps`: optimizer steps the lr schedule spans (default `cfg.steps`; the trainer makes
+          `algorithm.mini_batches` updates per step);
+        - `temperature`: the rollout's sampling temperature, which the learner's logprobs must use too;
+        - `kl_reference`: keep the initial weights for a KL term (the trainer: `algorithm.kl_coef > 0`);
+        - `backend`: "deepspeed", or "torch" (one process, no ZeRO; ignores `zero_stage` and `deepspeed_config`);
+        - `bf16`: None picks bf16 where a GPU supports it and fp32 otherwise (CPU); `eps`: AdamW's epsilon;
+          `track_entropy`: report the policy's token entropy.
+        """
+        _check_options(cfg, backend, temperature)
         if backend == "deepspeed":
             dist_env.init_distributed()
         if bf16 is None:
             bf16 = dist_env.on_gpu() and torch.cuda.is_bf16_supported()
         self.backend = backend
-        self.zero_stage = zero_stage if backend == "deepspeed" else 0
+        self.zero_stage = cfg.zero_stage if backend == "deepspeed" else 0
         self.bf16 = bool(bf16)
-        self.micro_batch_tokens = micro_batch_tokens
+        self.micro_batch_tokens = cfg.micro_batch_tokens
         self.temperature = temperature
-        self.logprob_chunk_size = logprob_chunk_size
+        self.logprob_chunk_size = cfg.logprob_chunk_size
         self.track_entropy = track_entropy
-        self.lora = lora_rank > 0
+        self.lora = model_cfg.lora is not None
         self.nonfinite_in_a_row = 0
         self.updates = 0  # optimizer steps applied
 
@@ -128,37 +117,33 @@ class Learner:
 
         # the initial weights, before LoRA, freezing or ZeRO touch the model (LoRA: adapters off, no copy)
         self.reference = ReferencePolicy(model) if kl_reference and not self.lora else None
-        if freeze_vision:
-            freeze_vision_params(model)
-        if self.lora:
-            model = apply_lora(model, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
-                               target_modules=lora_target_modules, exclude_vision=freeze_vision)
-        if gradient_checkpointing:
-            # Non-reentrant checkpointing needs no input grads, so it also works with frozen embeddings (LoRA).
-            hf_model(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-        optimizer = adamw(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(lr_schedule, warmup_steps, total_steps))
+        self.policy = model = _prepare_model(model, model_cfg)
+        optimizer = adamw(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=eps)
+        schedule = lr_multiplier(cfg.lr_schedule, cfg.warmup_steps, cfg.steps if total_steps is None else total_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         if backend == "deepspeed":
-            ds_config = build_ds_config(zero_stage=zero_stage, bf16=self.bf16, grad_clip=grad_clip,
-                                        user_config=deepspeed_config)
-            self.bf16 = bool(ds_config["bf16"].get("enabled", False))  # the user's file may switch it
-        self.policy = model
-        wrapped = _TokenLogprobs(model, vision_dummy=_vision_dummy(config, torch.bfloat16 if self.bf16 else None))
-        if backend == "deepspeed":
-            import deepspeed
-
-            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-                model=wrapped, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
-            )
+            self._init_deepspeed(model, config, optimizer, scheduler, cfg)
         else:
+            wrapped = TokenLogprobs(model, vision_dummy=vision_dummy(config, torch.bfloat16 if self.bf16 else None))
             device = torch.device("cuda", torch.cuda.current_device()) if dist_env.on_gpu() else torch.device("cpu")
-            self.engine = TorchEngine(wrapped, optimizer, scheduler, bf16=self.bf16, grad_clip=grad_clip,
+            self.engine = TorchEngine(wrapped, optimizer, scheduler, bf16=self.bf16, grad_clip=cfg.grad_clip,
                                       device=device)
             self.optimizer, self.scheduler = optimizer, scheduler
         self.device = self.engine.device
         if self.reference is not None:
             self.reference.to(self.device, torch.bfloat16 if self.bf16 else None)
+
+    def _init_deepspeed(self, model: torch.nn.Module, config: Any, optimizer: torch.optim.Optimizer,
+                        scheduler: Any, cfg: LearnerCfg) -> None:
+        import deepspeed
+
+        ds_config = build_ds_config(zero_stage=cfg.zero_stage, bf16=self.bf16, grad_clip=cfg.grad_clip,
+                                    user_config=cfg.deepspeed_config)
+        self.bf16 = bool(ds_config["bf16"].get("enabled", False))  # the user's file may switch it
+        wrapped = TokenLogprobs(model, vision_dummy=vision_dummy(config, torch.bfloat16 if self.bf16 else None))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=wrapped, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
+        )
 
     # ------------------------------------------------------------------------------------------------ properties
     @property
@@ -177,7 +162,7 @@ class Learner:
 
     def _plan(self, batch: dict) -> tuple[list[MicroBatch], int]:
         """This rank's micro-batches and the number of passes every rank makes (the largest count)."""
-        scored = _completion_mask(batch).bool().any(dim=1)  # rows without a completion token are left out
+        scored = completion_mask(batch).bool().any(dim=1)  # rows without a completion token are left out
         if not bool(scored.any()):
             raise ValueError(f"policy batch of {scored.numel()} rows has no completion token; every rank needs at "
                              f"least one row to score")
@@ -259,170 +244,106 @@ class Learner:
         return out
 
     # ------------------------------------------------------------------------------------------------ the update
-    def update(
-        self,
-        batch: dict,
-        old_logp: torch.Tensor | None,
-        advantages: torch.Tensor,
-        loss_name: str,
-        loss_hparams: dict[str, Any] | None = None,
-        *,
-        rollout_logp: torch.Tensor | None = None,
-        tis_cap: float | None = None,
-        kl_coef: float = 0.0,
-        ref_logp: torch.Tensor | None = None,
-        kl_estimator: str = "k3",
-    ) -> dict[str, float]:
+    def update(self, batch: UpdateBatch, objective: Objective) -> dict[str, float]:
         """One optimizer step on this rank's share of a mini-batch; returns global (all-rank) metrics.
 
-        `old_logp`, `rollout_logp`, `ref_logp` and per-token `advantages` are `[B, L]`, aligned with
-        `batch["input_ids"]`; `advantages` may also be `[B]`. `rollout_logp` adds the train/rollout mismatch metrics
-        and, with `tis_cap`, multiplies the advantages by the truncated importance weight min(pi_old/pi_rollout, cap).
+        `batch.rollout_logp` adds the train/rollout mismatch metrics and, with `objective.tis_cap`, multiplies the
+        advantages by the truncated importance weight min(pi_old/pi_rollout, cap).
 
-        `old_logp=None` is the on-policy case (one update on a batch just sampled by the current weights): pi_old is
-        the current policy itself, so each micro-batch uses the detached logprobs of its own forward as old_logp. The
-        ratio is then exactly 1 with the gradient of logp, and no separate no-grad pass is spent recomputing them.
+        `batch.old_logp=None` is the on-policy case (one update on a batch just sampled by the current weights): pi_old
+        is the current policy itself, so each micro-batch uses the detached logprobs of its own forward as old_logp.
+        The ratio is then exactly 1 with the gradient of logp, and no separate no-grad pass is spent recomputing them.
+
+        Three parts: `check_update` (shapes, options, the off-policy mismatch and IS weights), `_accumulate` (the
+        micro-batch forwards and backwards), `_step` (the optimizer step, the non-finite guard, the metrics).
         """
         t0 = time.perf_counter()
-        hparams = dict(loss_hparams or {})
-        loss_fn = get_policy_loss(loss_name)
-        mode = policy_loss_aggregation(loss_name)
-        max_length = hparams.get("max_length", _default(loss_fn, "max_length"))
-        mask_full = _completion_mask(batch)
-        shape = tuple(mask_full.shape)
-        on_policy = old_logp is None
-        if not on_policy:
-            _check_shape("old_logp", old_logp, shape)
-        if advantages.dim() == 1:
-            if advantages.shape[0] != shape[0]:
-                raise ValueError(f"advantages has {advantages.shape[0]} rows, the batch {shape[0]}")
-            advantages = advantages[:, None].expand(shape)
-        _check_shape("advantages", advantages, shape)
-        if kl_coef > 0:
-            if ref_logp is None:
-                raise ValueError("kl_coef > 0 needs ref_logp")
-            _check_shape("ref_logp", ref_logp, shape)
-        adv = advantages.float()
-        sums: dict[str, float] = {}  # weighted sums: by the loss's aggregation weight, or by tokens (per_token)
-        maxes: dict[str, float] = {}
-        per_token = {"entropy"}
-        if rollout_logp is not None:
-            _check_shape("rollout_logp", rollout_logp, shape)
-            if not on_policy:
-                self._add_mismatch(sums, maxes, per_token, old_logp, rollout_logp, mask_full)
-            if tis_cap is not None:
-                if on_policy:
-                    raise ValueError("tis_cap needs old_logp (the weights are taken before the first forward)")
-                w = truncated_is_weight(old_logp, rollout_logp, tis_cap)
-                adv = adv * w
-                valid = mask_full.bool()
-                sums["tis_weight_mean"] = float(torch.where(valid, w, 0.0).sum())
-                sums["tis_capped_frac"] = float((valid & (w >= tis_cap)).sum())
-                per_token |= {"tis_weight_mean", "tis_capped_frac"}
-        elif tis_cap is not None:
-            raise ValueError("tis_cap needs rollout_logp")
-
-        layout, (plan, passes) = self._layout(batch), self._plan(batch)
-        local_weight = aggregation_weight(mode, mask_full)
-        local_tokens = float(mask_full.sum())
-        local_attended = float(sum(int(batch["attention_mask"][mb.rows].sum()) for mb in plan))
-        total_weight, total_tokens, total_attended = dist_env.all_reduce_sum(
-            [local_weight, local_tokens, local_attended], self._comm_device)
-        if total_weight == 0:
-            raise ValueError(f"update batch has no completion token on any rank (loss {loss_name!r}, "
-                             f"aggregation {mode!r}); nothing to learn from")
-        scale = dist_env.world_size() / total_weight
+        checked = check_update(batch, objective)
+        plan, passes = self._plan(batch.inputs)
+        totals = self._totals(batch.inputs, checked, plan, objective.loss)
         lr = self.lr
+        logp_full = self._accumulate(batch, objective, checked, plan, passes, dist_env.world_size() / totals.weight)
+        # The loss's own metrics over the whole local batch at once: exact whatever their normaliser (tokens or
+        # sequences); across ranks they are weighted by tokens.
+        old_logp = batch.old_logp
+        if batch.on_policy:
+            old_logp = logp_full  # rows left out of the plan have no completion token: 0 in both
+            if batch.rollout_logp is not None:
+                checked.metrics.add_mismatch(old_logp, batch.rollout_logp, checked.mask)
+        with torch.no_grad():
+            _, metrics = checked.loss_fn(logp_full, old_logp.float().cpu(), checked.adv.cpu(), checked.mask.cpu(),
+                                         **objective.hparams)
+        checked.metrics.put_means(metrics, float(checked.mask.sum()))
+        return self._step(checked.metrics, totals, passes, lr, t0)
 
+    def _totals(self, inputs: dict, checked: CheckedUpdate, plan: list[MicroBatch], loss: str) -> _Totals:
+        local = [aggregation_weight(checked.mode, checked.mask), float(checked.mask.sum()),
+                 float(sum(int(inputs["attention_mask"][mb.rows].sum()) for mb in plan))]
+        totals = _Totals(*dist_env.all_reduce_sum(local, self._comm_device))
+        if totals.weight == 0:
+            raise ValueError(f"update batch has no completion token on any rank (loss {loss!r}, aggregation "
+                             f"{checked.mode!r}); nothing to learn from")
+        return totals
+
+    def _accumulate(self, batch: UpdateBatch, objective: Objective, checked: CheckedUpdate, plan: list[MicroBatch],
+                    passes: int, scale: float) -> torch.Tensor:
+        """Forward and backward of every micro-batch, each loss times its share of the global aggregation weight
+        (`scale` = world size / global weight); returns this rank's logprobs `[B, L]` (fp32, CPU)."""
+        layout, mode, sums, kl_coef = self._layout(batch.inputs), checked.mode, checked.metrics, objective.kl_coef
         self.engine.train()
-        logp_full = torch.zeros(shape, dtype=torch.float32)
+        logp_full = torch.zeros(tuple(checked.mask.shape), dtype=torch.float32)
         replay = contextlib.ExitStack()
         for i in range(passes):
             real = i < len(plan)
             mb = plan[min(i, len(plan) - 1)]
-            part = self._to_device(slice_batch(batch, mb, layout))
+            part = self._to_device(slice_batch(batch.inputs, mb, layout))
             mask = part.pop("completion_mask")
             rows, cols = mb.rows, mb.cols
-            a = adv[rows][:, cols].to(self.device)
+            a = checked.adv[rows][:, cols].to(self.device)
             # Routing replay (R2/R3: the batch's routed_experts) is held through the backward, whose recomputation
             # under gradient checkpointing must route as the forward did.
             replay.enter_context(replay_routing(self.hf_model, part.get("routed_experts")))
             logp, entropy = self._forward(part, mask, entropy=self.track_entropy)
-            old = logp.detach().float() if on_policy else old_logp[rows][:, cols].to(self.device).float()
-            loss, _ = loss_fn(logp.float(), old, a, mask, **hparams)
+            old = logp.detach().float() if batch.on_policy else batch.old_logp[rows][:, cols].to(self.device).float()
+            loss, _ = checked.loss_fn(logp.float(), old, a, mask, **objective.hparams)
             weight = aggregation_weight(mode, mask) if real else 0  # extra passes only keep ranks in step
             total = loss
             if kl_coef > 0:
-                ref = ref_logp[rows][:, cols].to(self.device).float()
-                kl = aggregate(kl_penalty(logp.float(), ref, mask, kl_estimator), mask, mode, max_length=max_length)
+                ref = batch.ref_logp[rows][:, cols].to(self.device).float()
+                kl = aggregate(kl_penalty(logp.float(), ref, mask, objective.kl_estimator), mask, mode,
+                               max_length=checked.max_length)
                 total = loss + kl_coef * kl
             self.engine.backward(total * (weight * scale), scale_wrt_gas=False)
             replay.close()
             if not real:
                 continue
             if kl_coef > 0:
-                _add(sums, "kl", float(kl.detach()) * weight)
+                sums.add("kl", float(kl.detach()) * weight)
             logp_full[rows[:, None], torch.arange(mb.col_start, mb.col_end)] = logp.detach().float().cpu()
-            _add(sums, "loss", float(total.detach()) * weight)
-            _add(sums, "policy_loss", float(loss.detach()) * weight)
+            sums.add("loss", float(total.detach()) * weight)
+            sums.add("policy_loss", float(loss.detach()) * weight)
             if entropy is not None:
-                _add(sums, "entropy", float(torch.where(mask.bool(), entropy.detach().float(), 0.0).sum()))
-        # The loss's own metrics over the whole local batch at once: exact whatever their normaliser (tokens or
-        # sequences); across ranks they are weighted by tokens.
-        if on_policy:
-            old_logp = logp_full  # rows left out of the plan have no completion token: 0 in both
-            if rollout_logp is not None:
-                self._add_mismatch(sums, maxes, per_token, old_logp, rollout_logp, mask_full)
-        with torch.no_grad():
-            _, metrics = loss_fn(logp_full, old_logp.float().cpu(), adv.cpu(), mask_full.cpu(), **hparams)
-        for k, v in metrics.items():
-            if k.endswith("_max"):
-                maxes[k] = v
-            else:
-                sums[k] = v * local_tokens
-                per_token.add(k)
+                sums.add("entropy", float(torch.where(mask.bool(), entropy.detach().float(), 0.0).sum()))
+        return logp_full
+
+    def _step(self, sums: MetricSums, totals: _Totals, passes: int, lr: float, t0: float) -> dict[str, float]:
+        """The optimizer step (skipped by the engine on a non-finite loss or gradient) and the update's metrics."""
         self.engine.step()
         applied = bool(self.engine.was_step_applied())
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float("nan") if grad_norm is None else float(grad_norm)
-        if applied and not math.isfinite(sums.get("loss", 0.0)):
+        if applied and not math.isfinite(sums.sums.get("loss", 0.0)):
             raise RuntimeError("DeepSpeed applied a step although the loss was not finite; the NaN guard is broken")
         self.nonfinite_in_a_row = 0 if applied else self.nonfinite_in_a_row + 1
         self.updates += int(applied)
         if not applied:
             log.warning("non-finite loss or gradient: update skipped (%d in a row)", self.nonfinite_in_a_row)
 
-        out = self._reduce(sums, maxes, per_token, total_weight, total_tokens)
+        out = sums.reduce(totals.weight, totals.tokens, self._comm_device)
         elapsed = time.perf_counter() - t0
         out.update(grad_norm=grad_norm, lr=lr, skipped=float(not applied), nonfinite_in_a_row=self.nonfinite_in_a_row,
-                   tokens=total_tokens, micro_batches=float(passes), time_s=elapsed,
-                   learner_tokens_per_s=total_attended / elapsed if elapsed > 0 else 0.0)
-        return out
-
-    @staticmethod
-    def _add_mismatch(sums: dict[str, float], maxes: dict[str, float], per_token: set[str], old_logp: torch.Tensor,
-                      rollout_logp: torch.Tensor, mask: torch.Tensor) -> None:
-        """Train/rollout mismatch metrics (pi_old against the engine's logprobs), as token-weighted sums."""
-        n_tok = float(mask.sum())
-        for k, v in mismatch_metrics(old_logp.cpu(), rollout_logp.cpu(), mask.cpu()).items():
-            if k.endswith("_max"):
-                maxes[k] = v
-            else:
-                sums[k] = v * n_tok
-                per_token.add(k)
-
-    def _reduce(self, sums: dict[str, float], maxes: dict[str, float], per_token: set[str], total_weight: float,
-                total_tokens: float) -> dict[str, float]:
-        """Weighted sums and maxima over ranks -> means (per_token keys over tokens, the rest over loss weight)."""
-        keys = sorted(sums)
-        summed = dist_env.all_reduce_sum([sums[k] for k in keys], self._comm_device)
-        mkeys = sorted(maxes)
-        if mkeys and dist_env.world_size() > 1:
-            t = torch.tensor([maxes[k] for k in mkeys], dtype=torch.float64, device=self._comm_device)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            maxes = dict(zip(mkeys, t.tolist()))
-        out = {k: v / (total_tokens if k in per_token else total_weight) for k, v in zip(keys, summed)}
-        out.update(maxes)
+                   tokens=totals.tokens, micro_batches=float(passes), time_s=elapsed,
+                   learner_tokens_per_s=totals.attended / elapsed if elapsed > 0 else 0.0)
         return out
 
     # ------------------------------------------------------------------------------------------------ weights & state
@@ -447,82 +368,32 @@ class Learner:
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
-class _TokenLogprobs(torch.nn.Module):
-    """The module DeepSpeed wraps: its forward is `token_logprobs` of the policy, so every pass runs through
-    `engine.forward` (ZeRO's per-forward bookkeeping) while the logits stay chunked.
-
-    With `touch_vision` (data-parallel), a micro-batch without images still runs the vision tower, on a blank
-    2x2-patch image, and adds 0 x its output to the result (an exact no-op), so that every rank makes the same
-    collective calls whether or not its micro-batch holds images: ZeRO-2 reduces the gradients of the parameters that
-    got one, ZeRO-3 gathers the parameters of each module that runs. The blank image runs where real images do,
-    right after the token-embedding lookup: ZeRO-2 packs gradients into its reduce buckets in the order autograd
-    finishes them, and a different order on two ranks would add up different parameters' gradients.
-    """
-
-    def __init__(self, policy: torch.nn.Module, vision_dummy: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-        super().__init__()
-        self.policy = policy
-        self.vision_dummy = vision_dummy
-
-    def forward(self, inputs: dict, mask: torch.Tensor, entropy: bool, temperature: float, chunk_size: int,
-                touch_vision: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        blank: list[torch.Tensor] = []
-        no_images = inputs.get("pixel_values") is None and inputs.get("pixel_values_videos") is None
-        handle = None
-        if touch_vision and no_images and self.vision_dummy is not None:
-            model = hf_model(self.policy)
-
-            def after_embedding(module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
-                if not blank:
-                    pixels, grid = (t.to(output.device) for t in self.vision_dummy)
-                    out = vision_tower(model)(pixels, grid_thw=grid)
-                    blank.append(0.0 * sum(t.float().sum() for t in _tensors(out)))
-
-            handle = model.get_input_embeddings().register_forward_hook(after_embedding)
-        try:
-            logp, ent = token_logprobs(self.policy, inputs, temperature=temperature, chunk_size=chunk_size,
-                                       return_entropy=entropy, completion_mask=mask)
-        finally:
-            if handle is not None:
-                handle.remove()
-        return (logp + blank[0] if blank else logp), ent
+def _check_options(cfg: LearnerCfg, backend: str, temperature: float) -> None:
+    """What the recipe's schema checks too, for callers that pass plain objects."""
+    if backend not in ("deepspeed", "torch"):
+        raise ValueError(f"backend must be 'deepspeed' or 'torch', got {backend!r}")
+    if backend == "deepspeed" and cfg.zero_stage not in (1, 2, 3):
+        raise ValueError(f"zero_stage must be 1, 2 or 3 (the ZeRO optimizers detect non-finite gradients and "
+                         f"skip the step; stage 0 does not), got {cfg.zero_stage}")
+    if backend == "torch" and max(dist_env.world_size(), int(os.environ.get("WORLD_SIZE", "1"))) > 1:
+        raise ValueError("backend='torch' trains on one process (no ZeRO, no data parallel); use DeepSpeed "
+                         "for more than one")
+    if cfg.micro_batch_tokens < 1:
+        raise ValueError(f"micro_batch_tokens must be >= 1, got {cfg.micro_batch_tokens}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
-def _tensors(out: Any) -> list[torch.Tensor]:
-    """Every tensor in a model output (tensor, tuple/list, or a dict-like ModelOutput)."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    values = out.values() if hasattr(out, "values") else out if isinstance(out, (tuple, list)) else []
-    return [t for v in values for t in _tensors(v)]
-
-
-def _vision_dummy(config: Any, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """A blank image of merge x merge patches in the vision tower's input layout (None for a text-only model)."""
-    vision = getattr(config, "vision_config", None)
-    if vision is None:
-        return None
-    merge = int(getattr(vision, "spatial_merge_size", 2))
-    dim = int(vision.in_channels) * int(vision.temporal_patch_size) * int(vision.patch_size) ** 2
-    return torch.zeros(merge * merge, dim, dtype=dtype or torch.float32), torch.tensor([[1, merge, merge]])
-
-
-def _add(d: dict[str, float], key: str, value: float) -> None:
-    d[key] = d.get(key, 0.0) + value
-
-
-def _default(fn: Any, name: str) -> Any:
-    p = inspect.signature(fn).parameters.get(name)
-    return None if p is None or p.default is inspect.Parameter.empty else p.default
-
-
-def _completion_mask(batch: dict) -> torch.Tensor:
-    mask = batch.get("completion_mask")
-    if mask is None:
-        raise KeyError(f"policy batch has no 'completion_mask' (keys: {sorted(batch)}); build it with "
-                       f"build_policy_inputs")
-    return mask
-
-
-def _check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
-    if tuple(t.shape) != shape:
-        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape} (aligned with batch['input_ids'])")
+def _prepare_model(model: torch.nn.Module, model_cfg: ModelCfg) -> torch.nn.Module:
+    """The vision-tower freeze, LoRA adapters and gradient checkpointing of the `model` section."""
+    freeze = model_cfg.freeze_vision_tower
+    if freeze:
+        freeze_vision_params(model)
+    lora = model_cfg.lora
+    if lora is not None:
+        model = apply_lora(model, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+                           target_modules=lora.target_modules, exclude_vision=freeze)
+    if model_cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input grads, so it also works with frozen embeddings (LoRA).
+        hf_model(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model

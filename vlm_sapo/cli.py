@@ -39,8 +39,8 @@ def _train(args: argparse.Namespace) -> int:
     except RecipeError as e:
         print(e, file=sys.stderr)
         return 2
-    from vlm_sapo.reward_pool import RewardError
     from vlm_sapo.rollout import RolloutEngineError
+    from vlm_sapo.scoring import RewardError
     from vlm_sapo.trainer import TrainingError, train
 
     try:

@@ -71,9 +71,10 @@ from vlm_sapo.models.moe import is_moe
 from vlm_sapo.models.routing import routed_experts_batch, routing_shape, take_replay_counts
 from vlm_sapo.recipe import Recipe, RecipeError, dump_recipe
 from vlm_sapo.resume_guard import FORCE, ResumeRefused, check_resume
-from vlm_sapo.reward_pool import RewardPool, RewardSpec, ScoreResult
 from vlm_sapo.reward_signal import RewardSignal, reward_signal
 from vlm_sapo.rollout import RolloutEngineError, Rollouts, SamplingConfig
+from vlm_sapo.scoring import RewardSpec, ScoreResult
+from vlm_sapo.scoring.pool import RewardPool
 from vlm_sapo.tasks import coord_system_for_family, default_reward_specs, get_task
 from vlm_sapo.tasks.answers import AnswerSpread, answer_spread, parse_answers, warn_if_collapsed
 from vlm_sapo.weight_digest import DIGEST_ENV, record_weight_digest

@@ -18,7 +18,7 @@ from PIL import Image
 from vlm_sapo.cli import main
 from vlm_sapo.data import render_prompt
 from vlm_sapo.eval import load_benchmark
-from vlm_sapo.reward_pool import load_reward
+from vlm_sapo.scoring import load_reward
 from vlm_sapo.tasks import get_task
 
 BENCHMARKS = ["geometry3k", "wemath", "chartqa=multichartqa_single", "refcoco=coco128_grounding"]

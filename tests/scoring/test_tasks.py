@@ -7,7 +7,8 @@ from reward_helpers import as_model, read_rows
 
 import vlm_sapo.tasks.task as task_module
 from vlm_sapo.data.sample import Sample
-from vlm_sapo.reward_pool import RewardPool, ScoreItem
+from vlm_sapo.scoring import ScoreItem
+from vlm_sapo.scoring.pool import RewardPool
 from vlm_sapo.tasks import (
     FORMAT_INSTRUCTION,
     Task,

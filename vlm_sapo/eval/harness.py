@@ -22,8 +22,9 @@ from vlm_sapo.eval.benchmarks import BenchmarkRef, BenchmarkSpec, LoadedBenchmar
 from vlm_sapo.eval.prompting import pixel_budget, render_task_prompt
 from vlm_sapo.eval.results import BenchmarkResult, EvalResults, Prediction
 from vlm_sapo.eval.stats import summarize
-from vlm_sapo.reward_pool import RewardPool, load_reward
 from vlm_sapo.rollout import SamplingConfig
+from vlm_sapo.scoring import load_reward
+from vlm_sapo.scoring.pool import RewardPool
 from vlm_sapo.tasks import coord_system_for_family, default_reward_specs, get_task
 from vlm_sapo.tasks.answers import answer_spread, warn_if_collapsed
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vlm_sapo.reward_pool import RewardSpec, load_reward
+from vlm_sapo.scoring.rewards import RewardSpec, load_reward
 from vlm_sapo.suggest import did_you_mean
 
 FORMAT_INSTRUCTION = (

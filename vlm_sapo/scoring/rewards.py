@@ -1,9 +1,10 @@
 """Rewards named by a recipe: specs, loading, and a reward's return value as finite named scores.
 
-A reward is named by a built-in name (``math``, ``grounding``, ``chart``, ``motion``, ``format``),
-by ``path/to/file.py:function`` (``path/to/file.py`` alone means its ``compute_score``), or by an entry point installed
-in group ``vlm_sapo.rewards``; nothing else is ever imported. A reward module may set ``REWARD_TYPE = "batch"``: its
-function then takes ``(completions, ground_truths, metas, **kwargs)`` and returns one dict per sample.
+A reward is named by a built-in name (``math``, ``grounding``, ``chart``, ``motion``, ``format``, ``mathvista_reward``:
+each is ``rewards/<name>.py``), by ``path/to/file.py:function`` (``path/to/file.py`` alone means its ``compute_score``),
+or by an entry point installed in group ``vlm_sapo.rewards``; nothing else is ever imported. A reward module may set
+``REWARD_TYPE = "batch"``: its function then takes ``(completions, ground_truths, metas, **kwargs)`` and returns one
+dict per sample.
 
 This module scores nothing by itself in another process: ``vlm_sapo.scoring.pool.RewardPool`` runs these loaded
 rewards in isolated workers, and ``Task.reward`` calls one in-process.
@@ -35,6 +36,7 @@ BUILTIN_REWARDS = {
     "chart": "rewards.chart",
     "motion": "rewards.motion",
     "format": "rewards.format",
+    "mathvista_reward": "rewards.mathvista_reward",
 }
 
 

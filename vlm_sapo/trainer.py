@@ -75,7 +75,7 @@ from vlm_sapo.reward_signal import RewardSignal, reward_signal
 from vlm_sapo.rollout import RolloutEngineError, Rollouts, SamplingConfig
 from vlm_sapo.scoring import RewardSpec, ScoreResult
 from vlm_sapo.scoring.pool import RewardPool
-from vlm_sapo.tasks import coord_system_for_family, default_reward_specs, get_task
+from vlm_sapo.tasks import coord_system_for_family, default_reward_specs, get_task, metric_key
 from vlm_sapo.tasks.answers import AnswerSpread, answer_spread, parse_answers, warn_if_collapsed
 from vlm_sapo.weight_digest import DIGEST_ENV, record_weight_digest
 
@@ -557,10 +557,9 @@ class Trainer:
                 out.update(spread.metrics(f"val/answers/{task}"))
                 warn_if_collapsed(spread, task, f"step {self.step} validation")
             task = get_task(src.task)
-            label = next((rw.label for spec, rw in zip(self.pool.specs, self.pool.rewards)
-                          if spec.name == task.reward_name and spec.applies_to(task.name)), None)
-            if label is not None:  # the task's own metric, when the recipe kept the task's reward
-                metric = [sc.scores.get(f"{label}/{task.metric}", 0.0) for sc in scored.scores]
+            key = metric_key(task, self.pool.specs)
+            if key is not None:  # the task's own metric, when the recipe kept the task's reward
+                metric = [sc.scores.get(key, 0.0) for sc in scored.scores]
                 out[f"val/{src.task}/{task.metric}"] = sum(metric) / len(metric)
         if self.eval_benchmarks:
             res = evaluate(self.engine, self.processor, self.eval_benchmarks, family=self.family, n=e.n,

@@ -23,9 +23,8 @@ from vlm_sapo.eval.prompting import pixel_budget, render_task_prompt
 from vlm_sapo.eval.results import BenchmarkResult, EvalResults, Prediction
 from vlm_sapo.eval.stats import summarize
 from vlm_sapo.rollout import SamplingConfig
-from vlm_sapo.scoring import load_reward
 from vlm_sapo.scoring.pool import RewardPool
-from vlm_sapo.tasks import coord_system_for_family, default_reward_specs, get_task
+from vlm_sapo.tasks import coord_system_for_family, default_reward_specs, get_task, metric_key
 from vlm_sapo.tasks.answers import answer_spread, warn_if_collapsed
 
 log = logging.getLogger(__name__)
@@ -156,22 +155,22 @@ def _generate(engine: Any, prompts: list[RenderedPrompt], n: int, sampling: Samp
 
 
 # -------------------------------------------------------------------------------------------------------- scoring
-def _metric_label(task_name: str, pool: RewardPool) -> str:
-    task = get_task(task_name)
-    label = load_reward(task.reward_name).label
-    if not any(spec.applies_to(task_name) and reward.label == label for spec, reward in zip(pool.specs, pool.rewards)):
-        raise ValueError(f"the reward pool has no reward labelled {label!r} for task {task_name!r}; pass pool=None "
+def _metric_key(task: Any, pool: RewardPool) -> str:
+    key = metric_key(task, pool.specs)
+    if key is None:
+        raise ValueError(f"the reward pool has no reward {task.reward_name!r} for task {task.name!r}; pass pool=None "
                          "to score benchmarks with their tasks' own rewards")
-    return label
+    return key
 
 
 def _score(bench: LoadedBenchmark, groups: list[tuple[Sample, list[_Completion]]],
            pool: RewardPool) -> tuple[BenchmarkResult, list[Prediction]]:
     task = get_task(bench.spec.task)
-    label = _metric_label(task.name, pool)
+    key = _metric_key(task, pool)
+    label = key.rpartition("/")[0]
     items = [(s.id, task.name, c.text, s.answer, c.meta) for s, comps in groups for c in comps]
     scored = pool.score(items) if items else []
-    metric_key, error_key = f"{label}/{task.metric}", f"{label}/error"
+    error_key = f"{label}/error"
     predictions: list[Prediction] = []
     per_question: list[list[float]] = []
     errors = 0
@@ -184,8 +183,8 @@ def _score(bench: LoadedBenchmark, groups: list[tuple[Sample, list[_Completion]]
             if result.scores.get(error_key, 0.0) > 0:
                 value = 0.0
                 errors += 1
-            elif metric_key in result.scores:
-                value = result.scores[metric_key]
+            elif key in result.scores:
+                value = result.scores[key]
             else:
                 raise RuntimeError(f"benchmark {bench.name!r}: reward {label!r} returned no {task.metric!r} score "
                                    f"for sample {sample.id!r} (scores: {sorted(result.scores)})")

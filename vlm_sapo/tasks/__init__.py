@@ -6,7 +6,15 @@ from vlm_sapo.tasks.grounding import GROUNDING, coord_system_for_family
 from vlm_sapo.tasks.math import MATH
 from vlm_sapo.tasks.mathvista import MATHVISTA
 from vlm_sapo.tasks.motion import MOTION
-from vlm_sapo.tasks.task import FORMAT_INSTRUCTION, Task, default_reward_specs, get_task, list_tasks, register_task
+from vlm_sapo.tasks.task import (
+    FORMAT_INSTRUCTION,
+    Task,
+    default_reward_specs,
+    get_task,
+    list_tasks,
+    metric_key,
+    register_task,
+)
 
 for _task in (MATH, GROUNDING, CHART, MOTION, MATHVISTA):
     register_task(_task, replace=True)
@@ -23,5 +31,6 @@ __all__ = [
     "default_reward_specs",
     "get_task",
     "list_tasks",
+    "metric_key",
     "register_task",
 ]

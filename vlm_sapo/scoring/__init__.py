@@ -4,6 +4,7 @@ runs them in isolation (``vlm_sapo.scoring.pool``). Importing this package does 
 from vlm_sapo.scoring.rewards import (
     BUILTIN_REWARDS,
     ENTRY_POINT_GROUP,
+    InProcessScorer,
     LoadedReward,
     RewardError,
     RewardSpec,
@@ -16,6 +17,7 @@ from vlm_sapo.scoring.rewards import (
 __all__ = [
     "BUILTIN_REWARDS",
     "ENTRY_POINT_GROUP",
+    "InProcessScorer",
     "LoadedReward",
     "RewardError",
     "RewardSpec",

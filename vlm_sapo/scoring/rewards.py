@@ -236,3 +236,34 @@ def as_scores(out: Any, label: str) -> dict[str, float]:
             raise ValueError(f"reward {label!r}: score {key!r} is {number}")
         scores[str(key)] = number
     return scores
+
+
+class InProcessScorer:
+    """Scores as ``RewardPool.score`` does (``<label>/<key>`` scores, ``<label>/error`` 0, ``overall`` the weighted sum
+    over the rewards that apply), in this process: no worker start-up, and no time limit or isolation either, so a
+    reward that raises raises. For a few hundred samples of a trusted reward (the demo's before/after accuracy)."""
+
+    def __init__(self, specs: Sequence[RewardSpec | str | Mapping[str, Any]]):
+        self.specs = [RewardSpec.coerce(s) for s in specs]
+        self.rewards = [load_reward(s) for s in self.specs]
+
+    def score(self, items: Sequence[ScoreItem | tuple]) -> list[ScoreResult]:
+        items = [ScoreItem(*item) for item in items]
+        missing = sorted({item.task for item in items if not any(s.applies_to(item.task) for s in self.specs)})
+        if missing:
+            raise RewardError(f"no reward applies to task(s) {missing}")
+        overall = [0.0] * len(items)
+        scores: list[dict[str, float]] = [{} for _ in items]
+        for spec, reward in zip(self.specs, self.rewards):
+            chosen = [i for i, item in enumerate(items) if spec.applies_to(item.task)]
+            if not chosen:
+                continue
+            if reward.batch:
+                got = reward.score_batch(*([items[i][k] for i in chosen] for k in (2, 3, 4)))
+            else:
+                got = [reward.score_one(items[i].completion, items[i].ground_truth, items[i].meta) for i in chosen]
+            for i, one in zip(chosen, got):
+                scores[i].update({f"{reward.label}/{key}": value for key, value in one.items()})
+                scores[i][f"{reward.label}/error"] = 0.0
+                overall[i] += spec.weight * one["overall"]
+        return [ScoreResult(o, s, None) for o, s in zip(overall, scores)]

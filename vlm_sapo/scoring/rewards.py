@@ -6,8 +6,8 @@ or by an entry point installed in group ``vlm_sapo.rewards``; nothing else is ev
 ``REWARD_TYPE = "batch"``: its function then takes ``(completions, ground_truths, metas, **kwargs)`` and returns one
 dict per sample.
 
-This module scores nothing by itself in another process: ``vlm_sapo.scoring.pool.RewardPool`` runs these loaded
-rewards in isolated workers, and ``Task.reward`` calls one in-process.
+``vlm_sapo.scoring.pool.RewardPool`` runs these loaded rewards in isolated workers; ``InProcessScorer`` (below) scores
+the same way in this process, and ``Task.reward`` calls one reward in-process.
 """
 
 from __future__ import annotations

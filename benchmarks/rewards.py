@@ -1,5 +1,5 @@
 """Reward scoring throughput (samples/s) for math, chart and grounding on the ../shared/data samples, in the reward
-pool's worker processes (`vlm_sapo/reward_pool.py`) and in-process without it.
+pool's worker processes (`vlm_sapo/scoring/pool.py`) and in-process without it.
 
     .venv/bin/python benchmarks/rewards.py                              # ~1 minute
     .venv/bin/python benchmarks/rewards.py --repeat 20 --workers 1,2,4 --json out.json
@@ -57,7 +57,7 @@ def items_for(task: str, data_root: Path, repeat: int) -> list[tuple]:
 
 
 def in_process(items: list[tuple]) -> float:
-    from vlm_sapo.reward_pool import load_reward
+    from vlm_sapo.scoring import load_reward
     from vlm_sapo.tasks import default_reward_specs
 
     rewards = {}
@@ -89,7 +89,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    from vlm_sapo.reward_pool import RewardPool
+    from vlm_sapo.scoring.pool import RewardPool
     from vlm_sapo.tasks import default_reward_specs
 
     rows = []

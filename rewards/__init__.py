@@ -3,5 +3,5 @@
 Each module exposes ``compute_score(completion, ground_truth, **meta) -> dict[str, float]`` with at least ``overall``
 (what training uses); a module may set ``REWARD_TYPE = "batch"`` to score a whole batch in one call instead. This
 package imports nothing of ``vlm_sapo``. Names are resolved by
-``vlm_sapo.reward_pool.load_reward``.
+``vlm_sapo.scoring.load_reward``.
 """

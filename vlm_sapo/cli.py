@@ -39,8 +39,8 @@ def _train(args: argparse.Namespace) -> int:
     except RecipeError as e:
         print(e, file=sys.stderr)
         return 2
-    from vlm_sapo.reward_pool import RewardError
     from vlm_sapo.rollout import RolloutEngineError
+    from vlm_sapo.scoring import RewardError
     from vlm_sapo.trainer import TrainingError, train
 
     try:
@@ -66,13 +66,14 @@ def _eval(args: argparse.Namespace) -> int:
         from vlm_sapo.models.tiny import resolve_tiny
 
         model = resolve_tiny(model)
+    from vlm_sapo.eval.config import EvalRun
     from vlm_sapo.eval.harness import run_eval
     from vlm_sapo.eval.report import console_report
 
     out = args.out or str(Path("eval_results") / (Path(model).name or "model"))
     try:
-        results = run_eval(
-            model, [b for b in args.benchmarks.split(",") if b.strip()], backend=args.backend, n=args.n,
+        results = run_eval(EvalRun(
+            model, tuple(b for b in args.benchmarks.split(",") if b.strip()), backend=args.backend, n=args.n,
             temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
             max_prompt_tokens=args.max_prompt_tokens, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
             video_max_pixels=args.video_max_pixels, video_max_frames=args.video_max_frames, video_fps=args.video_fps,
@@ -80,7 +81,7 @@ def _eval(args: argparse.Namespace) -> int:
             coord_system=args.coord_system, system=args.system, batch_prompts=args.batch_prompts,
             reward_workers=args.reward_workers, reward_timeout_s=args.reward_timeout, kv_cache_gib=args.kv_cache_gib,
             progress=not args.no_progress,
-        )
+        ))
     except (DataError, KeyError, ValueError, FileNotFoundError) as e:
         print(f"eval failed: {e}", file=sys.stderr)
         return 2

@@ -61,7 +61,7 @@ from vlm_sapo.data.loaders import DataError
 from vlm_sapo.data.mix import TaskMixSampler
 from vlm_sapo.data.prompts import PromptTooLongError, RenderedPrompt
 from vlm_sapo.data.sample import Sample
-from vlm_sapo.eval import evaluate, load_benchmark
+from vlm_sapo.eval import EvalConfig, evaluate, generate_and_score, load_benchmark
 from vlm_sapo.learner import Learner, Objective, UpdateBatch, dist_env
 from vlm_sapo.metrics_log import MetricsLog, read_metrics
 from vlm_sapo.models.loading import load_policy, load_processor, model_family
@@ -71,10 +71,11 @@ from vlm_sapo.models.routing import routed_experts_batch, routing_shape, take_re
 from vlm_sapo.models.tiny import resolve_tiny
 from vlm_sapo.recipe import Recipe, RecipeError, dump_recipe
 from vlm_sapo.resume_guard import FORCE, ResumeRefused, check_resume
-from vlm_sapo.reward_pool import RewardPool, RewardSpec, ScoreResult
 from vlm_sapo.reward_signal import RewardSignal, reward_signal
 from vlm_sapo.rollout import RolloutEngineError, Rollouts, SamplingConfig
-from vlm_sapo.tasks import coord_system_for_family, default_reward_specs, get_task
+from vlm_sapo.scoring import RewardSpec, ScoreResult
+from vlm_sapo.scoring.pool import RewardPool
+from vlm_sapo.tasks import coord_system_for_family, default_reward_specs, get_task, metric_key
 from vlm_sapo.tasks.answers import AnswerSpread, answer_spread, parse_answers, warn_if_collapsed
 from vlm_sapo.tasks.prompting import render_task_prompt
 from vlm_sapo.weight_digest import DIGEST_ENV, record_weight_digest
@@ -536,7 +537,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ validation
     def validate(self) -> dict[str, float]:
-        """`data.val` rows and `eval.benchmarks`, generated with eval's sampling and scored by the training rewards."""
+        """`data.val` rows and `eval.benchmarks`, generated with eval's sampling and scored by the training rewards
+        (`generate_and_score`, the path `vlm-sapo eval` takes)."""
         e, r = self.recipe.eval, self.recipe
         if not self.val_sources and not self.eval_benchmarks:
             return {}
@@ -547,22 +549,22 @@ class Trainer:
             pairs = [p for p in (self._render(s) for s in src.samples[: e.limit]) if p is not None]
             if not pairs:
                 continue
-            scored = self._rollout_and_score(pairs, e.n, sampling)
+            [part] = generate_and_score(self.engine, [pairs], self.pool, n=e.n, sampling=sampling)
+            scored = _Scored(part.prompts, part.samples, part.rollouts, part.scores)
             for key, value in _reward_metrics(scored, None).items():
                 out[f"val/{key.removeprefix('reward/')}"] = value
             for task, spread in _answer_spreads(scored).items():
                 out.update(spread.metrics(f"val/answers/{task}"))
                 warn_if_collapsed(spread, task, f"step {self.step} validation")
             task = get_task(src.task)
-            label = next((rw.label for spec, rw in zip(self.pool.specs, self.pool.rewards)
-                          if spec.name == task.reward_name and spec.applies_to(task.name)), None)
-            if label is not None:  # the task's own metric, when the recipe kept the task's reward
-                metric = [sc.scores.get(f"{label}/{task.metric}", 0.0) for sc in scored.scores]
+            own = metric_key(task, self.pool.specs)
+            if own is not None:  # the task's own metric, when the recipe kept the task's reward
+                metric = [sc.scores.get(own, 0.0) for sc in scored.scores]
                 out[f"val/{src.task}/{task.metric}"] = sum(metric) / len(metric)
         if self.eval_benchmarks:
-            res = evaluate(self.engine, self.processor, self.eval_benchmarks, family=self.family, n=e.n,
-                           sampling=sampling, max_prompt_tokens=r.data.max_prompt_tokens, system=r.data.system_prompt,
-                           coord_system=self.coord_system,
+            config = EvalConfig(family=self.family, n=e.n, sampling=sampling, max_prompt_tokens=r.data.max_prompt_tokens,
+                                system=r.data.system_prompt, coord_system=self.coord_system)
+            res = evaluate(self.engine, self.processor, self.eval_benchmarks, config,
                            out_dir=self.run_dir / "eval" / f"step_{self.step:06d}", progress=False)
             out.update(res.metrics())
         return out

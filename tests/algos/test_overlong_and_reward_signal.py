@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from vlm_sapo.algos import get_advantage_estimator, overlong_penalty
-from vlm_sapo.reward_pool import ScoreResult
 from vlm_sapo.reward_signal import reward_signal
+from vlm_sapo.scoring import ScoreResult
 
 
 def dapo_length_reward(length: int, l_max: int, l_cache: int) -> float:

@@ -18,7 +18,7 @@ from tests.eval.eval_helpers import read_jsonl
 from vlm_sapo.cli import main
 from vlm_sapo.data import render_prompt
 from vlm_sapo.eval import load_benchmark
-from vlm_sapo.reward_pool import load_reward
+from vlm_sapo.scoring import load_reward
 from vlm_sapo.tasks import get_task
 
 BENCHMARKS = ["geometry3k", "wemath", "chartqa=multichartqa_single", "refcoco=coco128_grounding"]
@@ -152,7 +152,7 @@ def test_compare_deltas_and_marks(tmp_path, capsys):
 
 def test_evaluate_api_counts_long_prompts(tiny_qwen25_dir, shared_data):
     """`evaluate` as the trainer calls it: an engine it does not own, benchmarks already loaded, a prompt limit."""
-    from vlm_sapo.eval import evaluate
+    from vlm_sapo.eval import EvalConfig, evaluate
     from vlm_sapo.models.loading import load_processor
     from vlm_sapo.rollout import SamplingConfig
     from vlm_sapo.rollout.hf_engine import HFRolloutEngine
@@ -168,8 +168,9 @@ def test_evaluate_api_counts_long_prompts(tiny_qwen25_dir, shared_data):
     kept = sum(n <= limit for n in lengths)
     assert 0 < kept < len(lengths)
     engine = HFRolloutEngine.from_pretrained(tiny_qwen25_dir, processor, dtype="float32")
-    results = evaluate(engine, processor, [bench], family="qwen2_5_vl", max_prompt_tokens=limit, progress=False,
-                       sampling=SamplingConfig(temperature=0.0, max_new_tokens=4))
+    config = EvalConfig(family="qwen2_5_vl", max_prompt_tokens=limit,
+                        sampling=SamplingConfig(temperature=0.0, max_new_tokens=4))
+    results = evaluate(engine, processor, [bench], config, progress=False)
     chart = results.benchmarks["chartqa"]
     assert chart.dropped == {"too_long": len(lengths) - kept} and chart.questions == kept
     assert chart.overall["pass@1"].method == "wilson" and list(chart.overall) == ["pass@1"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from rewards.mathvista_reward import compute_score, levenshtein
 from tests.eval.eval_helpers import as_model
-from vlm_sapo.eval.mathvista_reward import compute_score, levenshtein
 
 MC = dict(question_type="multi_choice", answer_type="text", choices=["3 cm", "5 cm", "7 cm"])
 

@@ -16,7 +16,7 @@ import pytest
 from tests.eval.eval_helpers import as_model, iou, read_jsonl, write_jsonl
 from vlm_sapo.cli import main
 from vlm_sapo.eval import load_benchmark, score_predictions
-from vlm_sapo.reward_pool import RewardPool
+from vlm_sapo.scoring.pool import RewardPool
 from vlm_sapo.tasks import default_reward_specs
 
 

@@ -19,10 +19,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from rewards import chart, grounding
+from rewards import chart, grounding, mathvista_reward
 from rewards import format as format_reward
 from rewards import math as math_reward
-from vlm_sapo.eval import mathvista_reward
 
 PER_CALL_S = 2.0  # text handling, linear in the completion's length (1 MB: ~0.05 s measured)
 SYMBOLIC_S = 10.0  # math-verify's parse, parse and verify, each under its own 3 s alarm (slowest measured: 0.7 s)

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.reliability.reliability_helpers import REPO, TRAIN, run_env
-from vlm_sapo.reward_pool import RewardError, load_reward
+from vlm_sapo.scoring import RewardError, load_reward
 
 SCANNED = [REPO / "vlm_sapo", REPO / "rewards", REPO / "scripts", REPO / "benchmarks"]
 # Calls that run code or unpickle data, by the fully qualified name they resolve to.
@@ -37,9 +37,9 @@ FORBIDDEN = {
 # (file, qualified name) -> why it is safe. The test fails when an entry no longer matches anything, so the list
 # stays exact.
 ALLOWED = {
-    ("vlm_sapo/reward_pool.py", "importlib.util.spec_from_file_location"):
+    ("vlm_sapo/scoring/rewards.py", "importlib.util.spec_from_file_location"):
         "imports the reward file named by path in the recipe (rewards.functions); nothing else is ever imported",
-    ("vlm_sapo/reward_pool.py", "importlib.import_module"):
+    ("vlm_sapo/scoring/rewards.py", "importlib.import_module"):
         "imports a built-in reward module from the fixed BUILTIN_REWARDS table (rewards.math, ...), never user text",
 }
 ALSO_CHECKED = {"importlib.util.spec_from_file_location", "importlib.import_module"}
@@ -191,7 +191,7 @@ CANARIES = ["this", "antigravity", "os:system", "subprocess:call", "builtins:eva
 def test_rewards_load_only_from_what_the_recipe_names(tally: Counter, name: str) -> None:
     from importlib.metadata import entry_points
 
-    from vlm_sapo.reward_pool import BUILTIN_REWARDS, ENTRY_POINT_GROUP
+    from vlm_sapo.scoring import BUILTIN_REWARDS, ENTRY_POINT_GROUP
 
     known = set(BUILTIN_REWARDS) | {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}
     if name.strip() in known or (name.strip().split(":")[0].endswith(".py") and Path(name.split(":")[0]).is_file()):

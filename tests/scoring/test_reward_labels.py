@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from vlm_sapo.recipe import RecipeError, validate_recipe
-from vlm_sapo.reward_pool import RewardError, RewardPool, RewardSpec, ScoreItem
+from vlm_sapo.scoring import RewardError, RewardSpec, ScoreItem
+from vlm_sapo.scoring.pool import RewardPool
 
 BASE = {"name": "t", "model": {"path": "m"}, "data": {"train": [{"path": "d.jsonl", "task": "math"}]}}
 

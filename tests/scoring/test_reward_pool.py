@@ -14,7 +14,8 @@ import pytest
 from rewards import chart, grounding, length_penalty, math
 from rewards import format as fmt
 from tests.scoring.reward_helpers import as_model
-from vlm_sapo.reward_pool import RewardError, RewardPool, RewardSpec, ScoreItem, load_reward
+from vlm_sapo.scoring import RewardError, RewardSpec, ScoreItem, load_reward
+from vlm_sapo.scoring.pool import RewardPool
 from vlm_sapo.tasks import default_reward_specs
 
 GEOMETRY_META = {"choices": ["30", "60", "120", "240"]}

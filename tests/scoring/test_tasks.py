@@ -7,7 +7,8 @@ import pytest
 import vlm_sapo.tasks.task as task_module
 from tests.scoring.reward_helpers import as_model, read_rows
 from vlm_sapo.data.sample import Sample
-from vlm_sapo.reward_pool import RewardPool, ScoreItem
+from vlm_sapo.scoring import ScoreItem
+from vlm_sapo.scoring.pool import RewardPool
 from vlm_sapo.tasks import (
     FORMAT_INSTRUCTION,
     Task,
@@ -120,3 +121,14 @@ def test_training_and_evaluation_score_real_samples_identically(shared_data):
         assert result.scores[f"{sample.task}/{task.metric}"] == task.evaluate(completion, sample)
         assert result.overall == local["overall"]
     assert [r.scores[f"{s.task}/accuracy"] for s, r in zip(samples, results)][::3] == [1.0] * 8
+
+
+def test_metric_key_finds_the_tasks_own_reward_under_any_label():
+    from vlm_sapo.scoring import RewardSpec
+    from vlm_sapo.tasks import metric_key
+
+    assert metric_key("math", default_reward_specs(["math", "chart"])) == "math/accuracy"
+    assert metric_key("grounding", ["format", RewardSpec("grounding", label="box", kwargs={})]) == "box/accuracy"
+    assert metric_key("mathvista", default_reward_specs(["mathvista"])) == "mathvista_reward/accuracy"
+    assert metric_key("chart", [RewardSpec("chart", tasks=("math",))]) is None  # filtered away from the task
+    assert metric_key("math", ["format"]) is None  # the recipe replaced the task's reward

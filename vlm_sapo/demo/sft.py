@@ -24,7 +24,7 @@ import torch
 
 from vlm_sapo.data import Sample, prompt_model_inputs
 from vlm_sapo.models.logprobs import build_policy_inputs, token_logprobs
-from vlm_sapo.tasks import coord_system_for_family, get_task
+from vlm_sapo.tasks import coord_system_for_family, default_reward_specs, metric_key
 from vlm_sapo.tasks.answers import answer_spread, parse_answers, warn_if_collapsed
 from vlm_sapo.tasks.prompting import render_task_prompt
 
@@ -117,28 +117,26 @@ def supervised_warmup(model: Any, processor: Any, train: Sequence[Example], *, s
     return WarmupResult(steps, time.perf_counter() - t0, losses, evals)
 
 
-def greedy_completions(model: Any, processor: Any, examples: Sequence[Example], *, max_new_tokens: int = 24,
-                       chunk: int = 64) -> list[str]:
-    from vlm_sapo.rollout import SamplingConfig
-    from vlm_sapo.rollout.hf_engine import HFRolloutEngine
-
-    engine = HFRolloutEngine(model, processor, max_batch_prompts=chunk)
-    sampling = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens)
-    rollouts = engine.generate([e.prompt for e in examples], n=1, sampling=sampling)
-    return [c.text for c in rollouts.completions]
-
-
 def greedy_accuracy(model: Any, processor: Any, examples: Sequence[Example], *, max_new_tokens: int = 24,
                     details: list[dict[str, Any]] | None = None) -> dict[str, float]:
-    """Greedy decoding, scored by each task's own reward: `<task>/accuracy`, `<task>/format` (and `/iou`) means, and
-    the spread of the parsed answers (`<task>/answers_distinct`, `<task>/answers_top_share`). Appends one record per
-    example to `details` when given."""
-    texts = greedy_completions(model, processor, examples, max_new_tokens=max_new_tokens)
+    """Greedy decoding, scored by each task's own reward (`generate_and_score`, the path validation and `vlm-sapo
+    eval` take, in this process): `<task>/accuracy`, `<task>/format` (and `/iou`) means, and the spread of the parsed
+    answers (`<task>/answers_distinct`, `<task>/answers_top_share`). Appends one record per example to `details` when
+    given."""
+    from vlm_sapo.eval.generate import generate_and_score
+    from vlm_sapo.rollout import SamplingConfig
+    from vlm_sapo.rollout.hf_engine import HFRolloutEngine
+    from vlm_sapo.scoring import InProcessScorer
+
+    engine = HFRolloutEngine(model, processor, max_batch_prompts=64)
+    scorer = InProcessScorer(default_reward_specs(sorted({e.sample.task for e in examples})))
+    sampling = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens)
+    [scored] = generate_and_score(engine, [[(e.prompt, e.sample) for e in examples]], scorer, sampling=sampling)
+    texts = [c.text for c in scored.rollouts.completions]
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
-    for e, text in zip(examples, texts):
-        task = get_task(e.sample.task)
-        scores = task.reward(text, e.sample)
+    for e, text, result in zip(examples, texts, scored.scores):
+        scores = _own_scores(e.sample.task, result.scores, scorer.specs)
         counts[e.sample.task] = counts.get(e.sample.task, 0) + 1
         for key in ("accuracy", "format", "iou"):
             if key in scores:
@@ -153,3 +151,9 @@ def greedy_accuracy(model: Any, processor: Any, examples: Sequence[Example], *, 
         warn_if_collapsed(spread, name, "greedy evaluation")
         out[f"{name}/answers_distinct"], out[f"{name}/answers_top_share"] = float(spread.distinct), spread.top_share
     return out
+
+
+def _own_scores(task: str, scores: dict[str, float], specs: Sequence[Any]) -> dict[str, float]:
+    """The task's own reward's scores, without their label (as `Task.reward` returns them)."""
+    label = metric_key(task, specs).rpartition("/")[0]
+    return {k[len(label) + 1:]: v for k, v in scores.items() if k.startswith(f"{label}/") and k != f"{label}/error"}

@@ -28,10 +28,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vlm_sapo.data import BadRow, DataError, Sample, load_samples
-from vlm_sapo.eval import mathvista_reward
 from vlm_sapo.suggest import did_you_mean
-from vlm_sapo.tasks import Task, get_task, list_tasks, register_task
-from vlm_sapo.tasks.math import math_instruction
+from vlm_sapo.tasks import get_task, list_tasks
 
 
 @dataclass(frozen=True)
@@ -354,35 +352,6 @@ def _refcoco_hub(sample: Sample) -> list[Sample]:
     box = _xywh_to_xyxy(sample.answer)
     return [dataclasses.replace(sample, id=f"{sample.id}#{k}", question=str(e).strip(), answer=box, meta=dict(meta))
             for k, e in enumerate(expressions) if str(e).strip()]
-
-
-# ------------------------------------------------------------------------------------------------ MathVista task
-def mathvista_instruction(sample: Any) -> str:
-    """Multiple choice: the math task's lettered choices. Free form: MathVista's own answer-type hint (from its
-    `query` prompts), then the project's format instruction."""
-    meta = sample.meta or {}
-    if meta.get("question_type") == "multi_choice":
-        return math_instruction(sample)
-    answer_type, precision = meta.get("answer_type"), meta.get("precision")
-    if answer_type == "integer":
-        hint = "The answer is an integer, e.g. 1, 2, 3."
-    elif answer_type == "float" and precision is not None and precision == precision:  # not NaN
-        places = int(float(precision))
-        hint = f"The answer is a floating-point number with {places} decimal place{'s' * (places != 1)}."
-    elif answer_type == "list":
-        hint = "The answer is a Python list, e.g. [1, 2, 3]."
-    else:
-        hint = ""
-    return " ".join(p for p in (hint, math_instruction(sample)) if p)
-
-
-MATHVISTA_TASK = Task(
-    name="mathvista",
-    reward_name=f"{Path(mathvista_reward.__file__).resolve()}:compute_score",
-    instruction_for=mathvista_instruction,
-    parse_answer=get_task("math").parse_answer,
-)
-register_task(MATHVISTA_TASK, replace=True)
 
 
 # ---------------------------------------------------------------------------------------------------- built-ins

@@ -19,11 +19,13 @@ from typing import Any
 
 from vlm_sapo.data import DataError, PromptTooLongError, RenderedPrompt, Sample
 from vlm_sapo.eval.benchmarks import BenchmarkRef, BenchmarkSpec, LoadedBenchmark, load_benchmark, parse_benchmark
+from vlm_sapo.eval.config import EvalConfig, EvalRun
+from vlm_sapo.eval.generate import generate_and_score
 from vlm_sapo.eval.results import BenchmarkResult, EvalResults, Prediction
 from vlm_sapo.eval.stats import summarize
-from vlm_sapo.reward_pool import RewardPool, load_reward
-from vlm_sapo.rollout import SamplingConfig
-from vlm_sapo.tasks import coord_system_for_family, default_reward_specs, get_task
+from vlm_sapo.scoring import ScoreResult
+from vlm_sapo.scoring.pool import RewardPool
+from vlm_sapo.tasks import coord_system_for_family, default_reward_specs, get_task, metric_key
 from vlm_sapo.tasks.answers import answer_spread, warn_if_collapsed
 from vlm_sapo.tasks.prompting import pixel_budget, render_task_prompt
 
@@ -42,80 +44,47 @@ class _Completion:
 
 
 # --------------------------------------------------------------------------------------------------------- evaluate
-def evaluate(
-    engine: Any,
-    processor: Any,
-    benchmarks: Sequence[BenchmarkRef | BenchmarkSpec | LoadedBenchmark | str],
-    *,
-    family: str,
-    n: int = 1,
-    sampling: SamplingConfig | None = None,
-    limit: int | None = None,
-    data_root: str | os.PathLike | None = None,
-    out_dir: str | os.PathLike | None = None,
-    max_prompt_tokens: int | None = None,
-    system: str | None = None,
-    coord_system: str | None = None,
-    pool: RewardPool | None = None,
-    reward_workers: int = 2,
-    reward_timeout_s: float = 10.0,
-    batch_prompts: int = 16,
-    progress: bool = True,
-    settings: dict[str, Any] | None = None,
-) -> EvalResults:
-    """Generate `n` completions per sample of each benchmark with `engine` and score them with the tasks' rewards.
+def evaluate(engine: Any, processor: Any, benchmarks: Sequence[BenchmarkRef | BenchmarkSpec | LoadedBenchmark | str],
+             config: EvalConfig, *, pool: RewardPool | None = None, out_dir: str | os.PathLike | None = None,
+             progress: bool = True, settings: dict[str, Any] | None = None) -> EvalResults:
+    """Generate `config.n` completions per sample of each benchmark with `engine` and score them with the tasks'
+    rewards (`generate_and_score`, as validation does).
 
-    `sampling` defaults to greedy with 1024 new tokens. `limit` caps the rows of benchmarks given by name (a
-    `LoadedBenchmark` is used as it is: load once with `load_benchmark` for periodic evaluation). Prompts over
-    `max_prompt_tokens` are not evaluated and are counted in `dropped`. `pool` (e.g. the trainer's) must score every
-    benchmark task with its own reward; by default a pool is started and closed here. With `out_dir`, writes
-    results.json, results.md, predictions.jsonl and results.png there.
+    A `LoadedBenchmark` is used as it is (load once with `load_benchmark` for periodic evaluation); others are loaded
+    with `config.limit` and `config.data_root`. `pool` (e.g. the trainer's) must score every benchmark task with its
+    own reward; by default a pool is started and closed here. With `out_dir`, writes results.json, results.md,
+    predictions.jsonl and results.png there; `settings` adds entries to the results' settings.
     """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if batch_prompts < 1:
-        raise ValueError(f"batch_prompts must be >= 1, got {batch_prompts}")
-    sampling = sampling or SamplingConfig(temperature=0.0, max_new_tokens=1024)
-    loaded = [b if isinstance(b, LoadedBenchmark) else load_benchmark(b, data_root=data_root, limit=limit)
-              for b in benchmarks]
+    loaded = [b if isinstance(b, LoadedBenchmark) else load_benchmark(b, data_root=config.data_root,
+                                                                      limit=config.limit) for b in benchmarks]
     _check_unique([b.name for b in loaded])
-    coords = coord_system or coord_system_for_family(family)
-    min_pixels, max_pixels, patch = pixel_budget(processor)
+    coords = config.coord_system or coord_system_for_family(config.family)
+    budget = pixel_budget(processor)
     own_pool = pool is None
-    pool = pool or _pool_for(loaded, reward_workers, reward_timeout_s)
+    pool = pool or _pool_for(loaded, config.reward_workers, config.reward_timeout_s)
     try:
-        jobs: list[tuple[int, RenderedPrompt, Sample]] = []
-        dropped: list[dict[str, int]] = [{} for _ in loaded]
-        for b, bench in enumerate(loaded):
-            for sample in bench.samples:
-                try:
-                    rendered, ready = render_task_prompt(processor, sample, coord_system=coords, min_pixels=min_pixels,
-                                                         max_pixels=max_pixels, image_patch_size=patch,
-                                                         max_prompt_tokens=max_prompt_tokens, system=system)
-                except PromptTooLongError as err:
-                    dropped[b]["too_long"] = dropped[b].get("too_long", 0) + 1
-                    log.warning("%s: not evaluated: %s", bench.name, err)
-                    continue
-                jobs.append((b, rendered, ready))
-        outputs = _generate(engine, [r for _, r, _ in jobs], n, sampling, batch_prompts, progress)
-        groups: list[list[tuple[Sample, list[_Completion]]]] = [[] for _ in loaded]
-        for (b, rendered, sample), completions in zip(jobs, outputs):
-            groups[b].append((sample, [_Completion(c.text, sample.meta, rendered.text, c.finish_reason)
-                                       for c in completions]))
+        keys = [_metric_key(get_task(b.spec.task), pool) for b in loaded]  # before generating anything
+        rendered = [_render_benchmark(processor, b, coords, budget, config) for b in loaded]
+        scored = generate_and_score(engine, [pairs for pairs, _ in rendered], pool, n=config.n,
+                                    sampling=config.sampling, batch_prompts=config.batch_prompts, progress=progress)
         results: dict[str, BenchmarkResult] = {}
         predictions: list[Prediction] = []
-        for bench, bench_groups, bench_dropped in zip(loaded, groups, dropped):
-            result, preds = _score(bench, bench_groups, pool)
-            result.dropped = bench_dropped
+        for bench, key, (_, dropped), part in zip(loaded, keys, rendered, scored):
+            groups = [(sample, [_Completion(c.text, sample.meta, prompt.text, c.finish_reason) for c in comps], sc)
+                      for sample, prompt, comps, sc in part.groups()]
+            result, preds = _summarise(bench, groups, key)
+            result.dropped = dropped
             results[bench.name] = result
             predictions += preds
     finally:
         if own_pool:
             pool.close()
-    settings = {"family": family, "coord_system": coords, "n": n, "temperature": sampling.temperature,
+    sampling, (min_pixels, max_pixels, _) = config.sampling, budget
+    settings = {"family": config.family, "coord_system": coords, "n": config.n, "temperature": sampling.temperature,
                 "top_p": sampling.top_p, "top_k": sampling.top_k, "max_new_tokens": sampling.max_new_tokens,
-                "seed": sampling.seed, "limit": limit, "min_pixels": min_pixels, "max_pixels": max_pixels,
-                "max_prompt_tokens": max_prompt_tokens, "engine": getattr(engine, "name", type(engine).__name__),
+                "seed": sampling.seed, "limit": config.limit, "min_pixels": min_pixels, "max_pixels": max_pixels,
+                "max_prompt_tokens": config.max_prompt_tokens,
+                "engine": getattr(engine, "name", type(engine).__name__),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(settings or {})}
     out = EvalResults(results, predictions, settings)
     if out_dir is not None:
@@ -123,6 +92,23 @@ def evaluate(
 
         write_results(out, out_dir)
     return out
+
+
+def _render_benchmark(processor: Any, bench: LoadedBenchmark, coords: str, budget: tuple[int, int, int],
+                      config: EvalConfig) -> tuple[list[tuple[RenderedPrompt, Sample]], dict[str, int]]:
+    """The benchmark's prompts as training renders them, and what was dropped (`too_long`)."""
+    min_pixels, max_pixels, patch = budget
+    pairs: list[tuple[RenderedPrompt, Sample]] = []
+    dropped: dict[str, int] = {}
+    for sample in bench.samples:
+        try:
+            pairs.append(render_task_prompt(processor, sample, coord_system=coords, min_pixels=min_pixels,
+                                            max_pixels=max_pixels, image_patch_size=patch,
+                                            max_prompt_tokens=config.max_prompt_tokens, system=config.system))
+        except PromptTooLongError as err:
+            dropped["too_long"] = dropped.get("too_long", 0) + 1
+            log.warning("%s: not evaluated: %s", bench.name, err)
+    return pairs, dropped
 
 
 def _check_unique(names: list[str]) -> None:
@@ -136,55 +122,32 @@ def _pool_for(loaded: Sequence[LoadedBenchmark], workers: int, timeout_s: float)
                       timeout_s=timeout_s)
 
 
-def _generate(engine: Any, prompts: list[RenderedPrompt], n: int, sampling: SamplingConfig, batch_prompts: int,
-              progress: bool) -> list[list[Any]]:
-    """Completions per prompt, generated `batch_prompts` prompts at a time under a progress bar with ETA."""
-    from tqdm import tqdm
-
-    out: list[list[Any]] = []
-    with tqdm(total=len(prompts), desc="eval", unit="prompt", disable=not progress, dynamic_ncols=True) as bar:
-        for start in range(0, len(prompts), batch_prompts):
-            chunk = prompts[start : start + batch_prompts]
-            # distinct seeds per chunk: the engines seed each call's prompts from `seed` + their index in the call
-            chunk_sampling = (dataclasses.replace(sampling, seed=sampling.seed + start * n)
-                              if sampling.seed is not None else sampling)
-            rollouts = engine.generate(chunk, n, chunk_sampling)
-            out += rollouts.groups()
-            bar.update(len(chunk))
-    return out
-
-
 # -------------------------------------------------------------------------------------------------------- scoring
-def _metric_label(task_name: str, pool: RewardPool) -> str:
-    task = get_task(task_name)
-    label = load_reward(task.reward_name).label
-    if not any(spec.applies_to(task_name) and reward.label == label for spec, reward in zip(pool.specs, pool.rewards)):
-        raise ValueError(f"the reward pool has no reward labelled {label!r} for task {task_name!r}; pass pool=None "
+def _metric_key(task: Any, pool: RewardPool) -> str:
+    key = metric_key(task, pool.specs)
+    if key is None:
+        raise ValueError(f"the reward pool has no reward {task.reward_name!r} for task {task.name!r}; pass pool=None "
                          "to score benchmarks with their tasks' own rewards")
-    return label
+    return key
 
 
-def _score(bench: LoadedBenchmark, groups: list[tuple[Sample, list[_Completion]]],
-           pool: RewardPool) -> tuple[BenchmarkResult, list[Prediction]]:
+def _summarise(bench: LoadedBenchmark, groups: list[tuple[Sample, list[_Completion], list[ScoreResult]]],
+               key: str) -> tuple[BenchmarkResult, list[Prediction]]:
+    """A benchmark's result and predictions from its scored completions; `key` is its task's metric score."""
     task = get_task(bench.spec.task)
-    label = _metric_label(task.name, pool)
-    items = [(s.id, task.name, c.text, s.answer, c.meta) for s, comps in groups for c in comps]
-    scored = pool.score(items) if items else []
-    metric_key, error_key = f"{label}/{task.metric}", f"{label}/error"
+    label = key.rpartition("/")[0]
+    error_key = f"{label}/error"
     predictions: list[Prediction] = []
     per_question: list[list[float]] = []
     errors = 0
-    k = 0
-    for sample, comps in groups:
+    for sample, comps, scored in groups:
         values = []
-        for j, comp in enumerate(comps):
-            result = scored[k]
-            k += 1
+        for j, (comp, result) in enumerate(zip(comps, scored)):
             if result.scores.get(error_key, 0.0) > 0:
                 value = 0.0
                 errors += 1
-            elif metric_key in result.scores:
-                value = result.scores[metric_key]
+            elif key in result.scores:
+                value = result.scores[key]
             else:
                 raise RuntimeError(f"benchmark {bench.name!r}: reward {label!r} returned no {task.metric!r} score "
                                    f"for sample {sample.id!r} (scores: {sorted(result.scores)})")
@@ -194,14 +157,14 @@ def _score(bench: LoadedBenchmark, groups: list[tuple[Sample, list[_Completion]]
                 parsed_answer=_parse(task, comp.text), score=value, scores=result.scores, answer=sample.answer,
                 categories=bench.categories.get(sample.id, []), prompt=comp.prompt, finish_reason=comp.finish_reason,
                 error=result.error,
-                scoring_meta={key: comp.meta[key] for key in SCORING_META_KEYS if comp.meta.get(key) is not None},
+                scoring_meta={k: comp.meta[k] for k in SCORING_META_KEYS if comp.meta.get(k) is not None},
             ))
         per_question.append(values)
     spread = answer_spread(None if str(p.parsed_answer).startswith("<parse error") else p.parsed_answer
                            for p in predictions)
     warn_if_collapsed(spread, task.name, f"benchmark {bench.name}")
     by_category: dict[str, list[list[float]]] = {}
-    for (sample, _), values in zip(groups, per_question):
+    for (sample, _, _), values in zip(groups, per_question):
         for category in bench.categories.get(sample.id, []):
             by_category.setdefault(category, []).append(values)
     result = BenchmarkResult(
@@ -322,7 +285,10 @@ def score_predictions(
     own_pool = pool is None
     pool = pool or _pool_for([bench], reward_workers, reward_timeout_s)
     try:
-        result, scored = _score(bench, groups, pool)
+        key = _metric_key(get_task(bench.spec.task), pool)
+        items = [(s.id, bench.spec.task, c.text, s.answer, c.meta) for s, comps in groups for c in comps]
+        flat = iter(pool.score(items) if items else [])
+        result, scored = _summarise(bench, [(s, comps, [next(flat) for _ in comps]) for s, comps in groups], key)
     finally:
         if own_pool:
             pool.close()
@@ -359,71 +325,41 @@ def _grounding_meta(sample: Sample, meta: dict[str, Any], coord_system: str | No
 
 
 # ------------------------------------------------------------------------------------------------- vlm-sapo eval
-def run_eval(
-    model: str | os.PathLike,
-    benchmarks: Sequence[str],
-    *,
-    backend: str = "vllm",
-    n: int = 1,
-    temperature: float | None = None,
-    top_p: float = 1.0,
-    max_new_tokens: int = 1024,
-    max_prompt_tokens: int = 2048,
-    min_pixels: int | None = None,
-    max_pixels: int | None = None,
-    video_max_pixels: int | None = None,
-    video_max_frames: int | None = None,
-    video_fps: float | None = None,
-    limit: int | None = None,
-    data_root: str | os.PathLike | None = None,
-    out_dir: str | os.PathLike | None = None,
-    seed: int = 0,
-    dtype: str = "auto",
-    coord_system: str | None = None,
-    system: str | None = None,
-    batch_prompts: int = 16,
-    reward_workers: int = 2,
-    reward_timeout_s: float = 10.0,
-    kv_cache_gib: float = 1.0,
-    gpu_memory_utilization: float = 0.85,
-    progress: bool = True,
-) -> EvalResults:
-    """`vlm-sapo eval`: load the model folder's processor and an engine (`vllm` or `hf`), then `evaluate`.
-
-    `temperature` None means greedy for n = 1 and 1.0 for n > 1 (pass@k needs different samples).
-    """
+def run_eval(run: EvalRun) -> EvalResults:
+    """`vlm-sapo eval`: load the model folder's processor and an engine (`vllm` or `hf`), then `evaluate`."""
     from transformers import AutoConfig
 
     from vlm_sapo.models.loading import load_processor, model_family
 
-    if backend not in ("vllm", "hf"):
-        raise ValueError(f"backend must be 'vllm' or 'hf', got {backend!r}")
-    refs = [parse_benchmark(b) for b in benchmarks]  # fail on a bad name before loading a model
-    loaded = [load_benchmark(r, data_root=data_root, limit=limit) for r in refs]
-    temperature = (0.0 if n == 1 else 1.0) if temperature is None else temperature
-    sampling = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+    if run.backend not in ("vllm", "hf"):
+        raise ValueError(f"backend must be 'vllm' or 'hf', got {run.backend!r}")
+    refs = [parse_benchmark(b) for b in run.benchmarks]  # fail on a bad name before loading a model
+    loaded = [load_benchmark(r, data_root=run.data_root, limit=run.limit) for r in refs]
     # with a video budget given, its floor is the recipe default (the checkpoint's may exceed the budget)
-    video_min_pixels = min(video_max_pixels, 3136) if video_max_pixels else None
-    processor = load_processor(model, min_pixels=min_pixels, max_pixels=max_pixels, video_min_pixels=video_min_pixels,
-                               video_max_pixels=video_max_pixels, video_max_frames=video_max_frames,
-                               video_fps=video_fps)
-    family = model_family(AutoConfig.from_pretrained(model))
-    if backend == "hf":
-        from vlm_sapo.rollout.hf_engine import HFRolloutEngine
-
-        engine = HFRolloutEngine.from_pretrained(model, processor, dtype=dtype, max_batch_prompts=batch_prompts)
-    else:
-        from vlm_sapo.rollout.vllm_engine import VLLMRolloutEngine
-
-        videos = int(any(s.video is not None for b in loaded for s in b.samples))
-        engine = VLLMRolloutEngine(model, processor, dtype=dtype, max_model_len=max_prompt_tokens + max_new_tokens,
-                                   max_videos_per_prompt=videos,
-                                   kv_cache_gib=kv_cache_gib, gpu_memory_utilization=gpu_memory_utilization, seed=seed)
+    video_min_pixels = min(run.video_max_pixels, 3136) if run.video_max_pixels else None
+    processor = load_processor(run.model, min_pixels=run.min_pixels, max_pixels=run.max_pixels,
+                               video_min_pixels=video_min_pixels, video_max_pixels=run.video_max_pixels,
+                               video_max_frames=run.video_max_frames, video_fps=run.video_fps)
+    family = model_family(AutoConfig.from_pretrained(run.model))
+    engine = _build_engine(run, processor, loaded)
     try:
-        return evaluate(engine, processor, loaded, family=family, n=n, sampling=sampling, limit=limit,
-                        out_dir=out_dir, max_prompt_tokens=max_prompt_tokens, system=system,
-                        coord_system=coord_system, reward_workers=reward_workers, reward_timeout_s=reward_timeout_s,
-                        batch_prompts=batch_prompts, progress=progress,
-                        settings={"model": str(model), "backend": backend, "dtype": dtype})
+        return evaluate(engine, processor, loaded, run.config(family), out_dir=run.out_dir, progress=run.progress,
+                        settings={"model": str(run.model), "backend": run.backend, "dtype": run.dtype})
     finally:
         engine.close()
+
+
+def _build_engine(run: EvalRun, processor: Any, loaded: Sequence[LoadedBenchmark]) -> Any:
+    """The rollout engine `run.backend` names, for the model folder `run.model`."""
+    if run.backend == "hf":
+        from vlm_sapo.rollout.hf_engine import HFRolloutEngine
+
+        return HFRolloutEngine.from_pretrained(run.model, processor, dtype=run.dtype,
+                                               max_batch_prompts=run.batch_prompts)
+    from vlm_sapo.rollout.vllm_engine import VLLMRolloutEngine
+
+    videos = int(any(s.video is not None for b in loaded for s in b.samples))
+    return VLLMRolloutEngine(run.model, processor, dtype=run.dtype,
+                             max_model_len=run.max_prompt_tokens + run.max_new_tokens, max_videos_per_prompt=videos,
+                             kv_cache_gib=run.kv_cache_gib, gpu_memory_utilization=run.gpu_memory_utilization,
+                             seed=run.seed)

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vlm_sapo.reward_pool import RewardSpec, load_reward
+from vlm_sapo.scoring.rewards import RewardSpec, load_reward
 from vlm_sapo.suggest import did_you_mean
 
 FORMAT_INSTRUCTION = (
@@ -66,6 +66,20 @@ def get_task(name: str) -> Task:
 
 def list_tasks() -> list[str]:
     return sorted(_TASKS)
+
+
+def metric_key(task: Task | str, specs: Sequence[RewardSpec | str | Any]) -> str | None:
+    """Which of the scores that `specs` give is `task`'s metric: ``"<label>/<task.metric>"`` of the first spec that
+    applies to the task and loads the task's own reward function (whatever its label, weight or kwargs), or None when
+    no spec does (a recipe that replaced the task's reward). Training validation and evaluation both ask here."""
+    task = get_task(task) if isinstance(task, str) else task
+    own = load_reward(task.reward_name).fn
+    for spec in map(RewardSpec.coerce, specs):
+        if spec.applies_to(task.name):
+            loaded = load_reward(spec)
+            if loaded.fn is own:
+                return f"{loaded.label}/{task.metric}"
+    return None
 
 
 def default_reward_specs(task_names: Sequence[str]) -> list[RewardSpec]:

@@ -1,7 +1,7 @@
 """MathVista's scoring rule (Lu et al., ICLR 2024; `evaluation/calculate_score.py` of lupantech/MathVista) as a reward.
 
-A plain reward file (it imports only ``rewards``), loaded by path by the reward pool like any user reward. It returns
-``accuracy`` (0/1), ``format`` (0/1) and ``overall = 0.9 * accuracy + 0.1 * format``, like ``rewards.math``.
+A plain reward file (it imports only ``rewards``): the built-in reward ``mathvista_reward``, the ``mathvista`` task's.
+It returns ``accuracy`` (0/1), ``format`` (0/1) and ``overall = 0.9 * accuracy + 0.1 * format``, like ``rewards.math``.
 
 The authors extract the answer with an LLM, then normalise it by the question's type and compare strings. Here the
 answer is what the math task extracts (last ``<answer>`` block, a ``\\boxed{}`` inside it wins), then:

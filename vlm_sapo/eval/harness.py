@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,8 @@ from vlm_sapo.eval.prompting import pixel_budget, render_task_prompt
 from vlm_sapo.eval.results import BenchmarkResult, EvalResults, Prediction
 from vlm_sapo.eval.stats import summarize
 from vlm_sapo.reward_pool import RewardPool, load_reward
-from vlm_sapo.rollout import SamplingConfig
+from vlm_sapo.rollout import EngineContext, SamplingConfig, build_engine
+from vlm_sapo.rollout import engine_options as check_engine_options
 from vlm_sapo.tasks import coord_system_for_family, default_reward_specs, get_task
 from vlm_sapo.tasks.answers import answer_spread, warn_if_collapsed
 
@@ -384,11 +385,11 @@ def run_eval(
     batch_prompts: int = 16,
     reward_workers: int = 2,
     reward_timeout_s: float = 10.0,
-    kv_cache_gib: float = 1.0,
-    gpu_memory_utilization: float = 0.85,
+    engine_options: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> EvalResults:
-    """`vlm-sapo eval`: load the model folder's processor and an engine (`vllm` or `hf`), then `evaluate`.
+    """`vlm-sapo eval`: load the model folder's processor and a registered rollout engine (`backend`, with its own
+    options as in a recipe's `rollout.<backend>:` section), then `evaluate`.
 
     `temperature` None means greedy for n = 1 and 1.0 for n > 1 (pass@k needs different samples).
     """
@@ -396,8 +397,7 @@ def run_eval(
 
     from vlm_sapo.models.loading import load_processor, model_family
 
-    if backend not in ("vllm", "hf"):
-        raise ValueError(f"backend must be 'vllm' or 'hf', got {backend!r}")
+    check_engine_options(backend, engine_options)  # an unknown backend or option fails before any model loads
     refs = [parse_benchmark(b) for b in benchmarks]  # fail on a bad name before loading a model
     loaded = [load_benchmark(r, data_root=data_root, limit=limit) for r in refs]
     temperature = (0.0 if n == 1 else 1.0) if temperature is None else temperature
@@ -408,17 +408,10 @@ def run_eval(
                                video_max_pixels=video_max_pixels, video_max_frames=video_max_frames,
                                video_fps=video_fps)
     family = model_family(AutoConfig.from_pretrained(model))
-    if backend == "hf":
-        from vlm_sapo.rollout.hf_engine import HFRolloutEngine
-
-        engine = HFRolloutEngine.from_pretrained(model, processor, dtype=dtype, max_batch_prompts=batch_prompts)
-    else:
-        from vlm_sapo.rollout.vllm_engine import VLLMRolloutEngine
-
-        videos = int(any(s.video is not None for b in loaded for s in b.samples))
-        engine = VLLMRolloutEngine(model, processor, dtype=dtype, max_model_len=max_prompt_tokens + max_new_tokens,
-                                   max_videos_per_prompt=videos,
-                                   kv_cache_gib=kv_cache_gib, gpu_memory_utilization=gpu_memory_utilization, seed=seed)
+    ctx = EngineContext(model_path=str(model), processor=processor, dtype=dtype, seed=seed,
+                        max_model_len=max_prompt_tokens + max_new_tokens, max_batch_prompts=batch_prompts,
+                        max_videos_per_prompt=int(any(s.video is not None for b in loaded for s in b.samples)))
+    engine = build_engine(backend, ctx, engine_options)
     try:
         return evaluate(engine, processor, loaded, family=family, n=n, sampling=sampling, limit=limit,
                         out_dir=out_dir, max_prompt_tokens=max_prompt_tokens, system=system,

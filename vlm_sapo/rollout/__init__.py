@@ -1,9 +1,21 @@
 """Rollout engines: rendered prompts in, sampled token ids and their logprobs out (`hf` and `vllm` backends).
 
 The engines import only leaves (`vlm_sapo.models`, `vlm_sapo.data.prompts`), never tasks, rewards or the learner.
-`VLLMRolloutEngine` is imported lazily (`vlm_sapo.rollout.vllm_engine`): importing vLLM takes seconds.
+Engines are registered by name (`register_engine`, `list_engines`) and built from their own recipe section
+(`rollout.<backend>:`) plus an `EngineContext` (`build_engine`); see `vlm_sapo.rollout.registry`. Each engine's module
+is imported on first use: importing vLLM takes seconds.
 """
 
+from vlm_sapo.rollout.registry import (
+    EngineContext,
+    build_engine,
+    check_rollout,
+    engine_class,
+    engine_options,
+    list_engines,
+    register_engine,
+    unregister_engine,
+)
 from vlm_sapo.rollout.types import (
     Completion,
     FinishReason,
@@ -16,10 +28,18 @@ from vlm_sapo.rollout.types import (
 
 __all__ = [
     "Completion",
+    "EngineContext",
     "FinishReason",
     "RolloutEngine",
     "RolloutEngineError",
     "RolloutTiming",
     "Rollouts",
     "SamplingConfig",
+    "build_engine",
+    "check_rollout",
+    "engine_class",
+    "engine_options",
+    "list_engines",
+    "register_engine",
+    "unregister_engine",
 ]

@@ -497,8 +497,9 @@ def _describe(err: dict[str, Any], prefix: str = "", schema: type[BaseModel] | N
     path = ".".join(p for p in (prefix, _dotted(err["loc"])) if p)
     kind = err["type"]
     if kind == "dict_type" and _is_engine_section(path, schema):  # a scalar where only engine sections may be
-        return (f"`{path}` is not a field (an engine's own options go in its section, "
-                f"`rollout.<backend>.{path.rsplit('.', 1)[-1]}`)") + _hint(path, schema, prefix)
+        hint = _hint(path, schema, prefix)
+        return f"`{path}` is not a field" + (hint or " (an engine's own options go in its section, "
+                                             f"`rollout.<backend>.{path.rsplit('.', 1)[-1]}`)")
     if kind == "extra_forbidden":
         return f"`{path}` is not a field" + _hint(path, schema, prefix)
     if kind == "missing":

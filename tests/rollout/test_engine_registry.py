@@ -35,6 +35,8 @@ def test_builtin_engines_are_registered_lazily():
 def test_register_engine_refuses_bad_names_and_silent_replacement():
     with pytest.raises(ValueError, match="plain identifier"):
         register_engine("my-engine", "x:Y")
+    with pytest.raises(ValueError, match="is a key of `rollout` itself"):
+        register_engine("temperature", "x:Y")
     with pytest.raises(ValueError, match="already registered"):
         register_engine("hf", "somewhere:Else")
     register_engine("later", "no_such_module:Engine")  # a string is imported only when used

@@ -31,7 +31,6 @@ import torch
 from vlm_sapo.models.logprobs import unwrap_causal_lm
 from vlm_sapo.models.rope import use_released_video_rope
 from vlm_sapo.models.routing import compact, record_routing, routing_shape
-from vlm_sapo.recipe import Strict
 from vlm_sapo.rollout.tokens import banned_token_ids, model_vocab_size, stop_token_ids
 from vlm_sapo.rollout.types import (
     Completion,
@@ -178,10 +177,6 @@ class _StopStrings:
         return done
 
 
-class HFOptions(Strict):
-    """`rollout.hf:`, the transformers engine's own recipe keys (none yet)."""
-
-
 class HFRolloutEngine:
     """`RolloutEngine` on a transformers Qwen-VL model.
 
@@ -194,10 +189,10 @@ class HFRolloutEngine:
     """
 
     name = "hf"
-    Options = HFOptions
+    Options = None  # `rollout.hf:` has no keys (and this module imports no pydantic: scripts/gpu_check.py)
 
     @classmethod
-    def build(cls, options: HFOptions, ctx: Any) -> HFRolloutEngine:
+    def build(cls, options: Any, ctx: Any) -> HFRolloutEngine:
         """From `rollout.hf` and the run's `vlm_sapo.rollout.EngineContext` (the engine registry calls this): on the
         learner's own module when there is one and ZeRO < 3 leaves it whole, else on a copy of the checkpoint."""
         if ctx.policy is not None and ctx.zero_stage < 3:

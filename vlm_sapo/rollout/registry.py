@@ -4,7 +4,7 @@ A backend is one module and one line here (or one `register_engine` call from an
 
     class MyEngine:                      # generate / update_weights / sleep / wake / close, `shares_weights`
         name = "mine"
-        Options = MyOptions              # a `vlm_sapo.recipe.Strict` model: the keys of `rollout.mine:`
+        Options = MyOptions              # a `vlm_sapo.recipe.Strict` model (the keys of `rollout.mine:`), or None
 
         @classmethod
         def build(cls, options: MyOptions, ctx: EngineContext) -> MyEngine: ...
@@ -28,7 +28,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from vlm_sapo.recipe import RecipeError, describe_errors
+from vlm_sapo.recipe import RecipeError, RolloutCfg, describe_errors
 from vlm_sapo.suggest import did_you_mean
 
 _ENGINES: dict[str, str | type] = {
@@ -65,6 +65,9 @@ def register_engine(name: str, engine: str | type, *, replace: bool = False) -> 
     """Register `engine` (a class or a "module:Class" string, imported on first use) as `rollout.backend: name`."""
     if not name or not name.isidentifier():
         raise ValueError(f"an engine name must be a plain identifier (it is a recipe key), got {name!r}")
+    if name in RolloutCfg.model_fields:
+        raise ValueError(f"`{name}` is a key of `rollout` itself; an engine needs another name (its section is "
+                         f"`rollout.<name>`)")
     if name in _ENGINES and not replace and _ENGINES[name] != engine:
         raise ValueError(f"rollout engine `{name}` is already registered ({_ENGINES[name]}); pass replace=True")
     _ENGINES[name] = engine

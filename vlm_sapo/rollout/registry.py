@@ -28,13 +28,17 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from vlm_sapo.recipe import RecipeError, RolloutCfg, describe_errors
+from vlm_sapo.recipe import RecipeError, RolloutCfg, Strict, describe_errors
 from vlm_sapo.suggest import did_you_mean
 
 _ENGINES: dict[str, str | type] = {
     "hf": "vlm_sapo.rollout.hf_engine:HFRolloutEngine",
     "vllm": "vlm_sapo.rollout.vllm_engine:VLLMRolloutEngine",
 }
+
+
+class NoOptions(Strict):
+    """The options of an engine that takes none (its `Options` is None): an empty section."""
 
 
 @dataclass(frozen=True)
@@ -107,7 +111,7 @@ def engine_options(name: str, section: Mapping[str, Any] | None = None, *, prefi
         if section:
             raise RecipeError("recipe", [f"`{prefix}`: rollout engine `{name}` takes no options, got "
                                          f"{', '.join(f'`{k}`' for k in section)}"])
-        return BaseModel()
+        return NoOptions()
     try:
         return schema.model_validate(dict(section or {}))
     except ValidationError as e:

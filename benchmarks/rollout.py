@@ -55,25 +55,21 @@ def run_backend(args: argparse.Namespace) -> dict:
     """Measure one backend in this process (called in a fresh subprocess)."""
     import torch
 
-    from vlm_sapo.rollout import SamplingConfig
+    from vlm_sapo.recipe import apply_overrides
+    from vlm_sapo.rollout import EngineContext, SamplingConfig, build_engine
 
     processor, prompts = _prompts(args.model, args.prompts)
     result: dict = {"backend": args.backend, "prompts": len(prompts), "n": args.n,
                     "max_new_tokens": args.max_new_tokens, "torch_threads": torch.get_num_threads()}
-    t0 = time.perf_counter()
     if args.backend == "vllm":
+        t0 = time.perf_counter()
         import vllm  # noqa: F401  (import time reported separately from engine start-up)
 
         result["import_s"] = time.perf_counter() - t0
-        from vlm_sapo.rollout.vllm_engine import VLLMRolloutEngine
-
-        engine = VLLMRolloutEngine(args.model, processor, max_model_len=args.max_model_len, kv_cache_gib=args.kv_gib)
-        result["startup_s"] = engine.startup_s
-    else:
-        from vlm_sapo.rollout.hf_engine import HFRolloutEngine
-
-        engine = HFRolloutEngine.from_pretrained(args.model, processor, dtype=args.dtype)
-        result["startup_s"] = time.perf_counter() - t0
+    ctx = EngineContext(model_path=args.model, processor=processor, dtype=args.dtype, max_model_len=args.max_model_len)
+    t0 = time.perf_counter()
+    engine = build_engine(args.backend, ctx, apply_overrides({}, args.engine_option).get(args.backend))
+    result["startup_s"] = getattr(engine, "startup_s", time.perf_counter() - t0)  # vLLM's: its LLM() alone
     warm = engine.generate(prompts[:1], 1, SamplingConfig(max_new_tokens=4, seed=0))
     result["warmup_s"] = warm.timing.seconds
     runs = []
@@ -97,10 +93,12 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4, help="samples per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--backends", default="hf,vllm")
-    parser.add_argument("--dtype", default="auto", help="hf engine dtype (vLLM uses the same rule: fp32 on CPU)")
+    parser.add_argument("--backends", default="hf,vllm", help="registered rollout engines (vlm_sapo.rollout)")
+    parser.add_argument("--dtype", default="auto", help="engine dtype (auto: bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--max-model-len", type=int, default=2048)
-    parser.add_argument("--kv-gib", type=float, default=1.0, help="vLLM KV cache on CPU")
+    parser.add_argument("--engine-option", action="append", default=[], metavar="BACKEND.KEY=VALUE",
+                        help="an engine's own option, as in a recipe's rollout.<backend> section "
+                             "(e.g. vllm.cpu_kvcache_gib=2, the vLLM KV cache on CPU); repeatable")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--backend", help=argparse.SUPPRESS)  # internal: run one backend in this process
     args = parser.parse_args()
@@ -119,7 +117,8 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--backend", backend, "--model", args.model,
                    "--prompts", str(args.prompts), "--n", str(args.n), "--max-new-tokens", str(args.max_new_tokens),
                    "--repeats", str(args.repeats),
-                   "--dtype", args.dtype, "--max-model-len", str(args.max_model_len), "--kv-gib", str(args.kv_gib)]
+                   "--dtype", args.dtype, "--max-model-len", str(args.max_model_len),
+                   *[f"--engine-option={o}" for o in args.engine_option if o.startswith(f"{backend}.")]]
             t0 = time.perf_counter()
             env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)

@@ -10,9 +10,11 @@ from pathlib import Path
 
 def _check_recipe(args: argparse.Namespace) -> int:
     from vlm_sapo.recipe import RecipeError, dump_recipe, load_recipe
+    from vlm_sapo.rollout import check_rollout
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)
+        check_rollout(recipe.rollout, source=args.recipe)  # the engine registry's part: the backend and its section
     except RecipeError as e:
         print(e, file=sys.stderr)
         return 2
@@ -69,7 +71,13 @@ def _eval(args: argparse.Namespace) -> int:
     from vlm_sapo.eval.config import EvalRun
     from vlm_sapo.eval.harness import run_eval
     from vlm_sapo.eval.report import console_report
+    from vlm_sapo.recipe import RecipeError, apply_overrides
 
+    try:  # KEY=VALUE, typed as recipe overrides are; the engine's own schema checks them
+        options = apply_overrides({}, args.engine_option)
+    except RecipeError as e:
+        print(f"eval failed: {e}", file=sys.stderr)
+        return 2
     out = args.out or str(Path("eval_results") / (Path(model).name or "model"))
     try:
         results = run_eval(EvalRun(
@@ -79,7 +87,7 @@ def _eval(args: argparse.Namespace) -> int:
             video_max_pixels=args.video_max_pixels, video_max_frames=args.video_max_frames, video_fps=args.video_fps,
             limit=args.limit, data_root=args.data_root, out_dir=out, seed=args.seed, dtype=args.dtype,
             coord_system=args.coord_system, system=args.system, batch_prompts=args.batch_prompts,
-            reward_workers=args.reward_workers, reward_timeout_s=args.reward_timeout, kv_cache_gib=args.kv_cache_gib,
+            reward_workers=args.reward_workers, reward_timeout_s=args.reward_timeout, engine_options=options,
             progress=not args.no_progress,
         ))
     except (DataError, KeyError, ValueError, FileNotFoundError) as e:
@@ -202,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default eval_results/<model folder name>)")
     p.add_argument("--limit", type=int, help="first N rows of each benchmark")
     p.add_argument("--n", type=int, default=1, help="completions per question (pass@k, avg@K)")
-    p.add_argument("--backend", choices=["vllm", "hf"], default="vllm")
+    p.add_argument("--backend", default="vllm", help="a registered rollout engine (hf, vllm, ...)")
     p.add_argument("--temperature", type=float, help="default: 0 (greedy) for --n 1, else 1.0")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=1024)
@@ -220,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-prompts", type=int, default=16, help="prompts per generate call")
     p.add_argument("--reward-workers", type=int, default=2)
     p.add_argument("--reward-timeout", type=float, default=10.0, help="seconds per reward call")
-    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="vLLM KV cache on CPU")
+    p.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the backend, as in a recipe's rollout.<backend> section (e.g. "
+                        "cpu_kvcache_gib=2 for vllm); repeatable")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=_eval)
 

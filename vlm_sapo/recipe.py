@@ -107,19 +107,31 @@ class DataCfg(Strict):
 
 
 class RolloutCfg(Strict):
-    backend: Literal["hf", "vllm"] = "hf"
+    """The rollout section: what every engine shares. An engine's own options go in a section named after it
+    (`rollout.vllm: {gpu_memory_utilization: 0.6}`): any key here that is not a field must be such a mapping. Which
+    engines exist, and what their sections hold, is the engine registry's to check (`vlm_sapo.rollout.check_rollout`:
+    this leaf module cannot import the engines)."""
+
+    model_config = ConfigDict(extra="allow", validate_default=True)
+    __pydantic_extra__: dict[str, dict[str, Any]]  # engine sections, by engine name
+
+    backend: str = "hf"  # a registered rollout engine: hf, vllm (`vlm_sapo.rollout.list_engines()`)
     n: PositiveInt = Field(8, description="completions per prompt (G)")
     temperature: PositiveFloat = 1.0
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(-1, ge=-1)  # -1: off
     max_new_tokens: PositiveInt = 512
     stop: list[str] = []
-    gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)
-    cpu_kvcache_gib: PositiveInt = 1
-    max_model_len: PositiveInt | None = None
-    enforce_eager: bool = False
     sleep_between_steps: bool = True
     on_engine_death: Literal["fail", "restart"] = "fail"
+
+    def engine_sections(self) -> dict[str, dict[str, Any]]:
+        """Every engine section of the recipe (the chosen backend's and any other's), by engine name."""
+        return dict(self.model_extra or {})
+
+    def engine_section(self) -> dict[str, Any]:
+        """The chosen backend's own options (`rollout.<backend>`), empty when the recipe has none."""
+        return dict((self.model_extra or {}).get(self.backend) or {})
 
 
 class LossCfg(Strict):
@@ -399,7 +411,12 @@ def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        raise RecipeError(source, [_describe(err) for err in e.errors()]) from None
+        raise RecipeError(source, describe_errors(e)) from None
+
+
+def describe_errors(error: ValidationError, *, prefix: str = "", schema: type[BaseModel] | None = None) -> list[str]:
+    """One line per error of validating `schema` (default: the recipe) at `prefix`, each naming its dotted key."""
+    return [_describe(err, prefix, schema or Recipe) for err in error.errors()]
 
 
 def dump_recipe(recipe: Recipe) -> str:
@@ -407,6 +424,17 @@ def dump_recipe(recipe: Recipe) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ error messages
+def _hint(path: str, schema: type[BaseModel] | None, prefix: str) -> str:
+    best = suggest_key(path, schema, prefix)
+    return f"; did you mean `{best}`?" if best else ""
+
+
+def _is_engine_section(path: str, schema: type[BaseModel] | None) -> bool:
+    """`rollout.<key>` for a key that is not a field of `rollout` (only engine sections may stand there)."""
+    parent, _, leaf = path.rpartition(".")
+    return (schema in (None, Recipe) and parent == "rollout" and leaf not in RolloutCfg.model_fields)
+
+
 def _dotted(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
@@ -440,9 +468,9 @@ def _strip_indices(path: str) -> str:
     return re.sub(r"\[\d+\]", "[]", path)
 
 
-def suggest_key(bad_path: str) -> str | None:
+def suggest_key(bad_path: str, schema: type[BaseModel] | None = None, prefix: str = "") -> str | None:
     """The valid key closest to a misspelled or misplaced one: same leaf name anywhere first, then spelling."""
-    paths = _schema_paths(Recipe)
+    paths = _schema_paths(schema or Recipe, prefix)
     plain = _strip_indices(bad_path)
     leaf = plain.rsplit(".", 1)[-1]
     parent = plain.rsplit(".", 1)[0] if "." in plain else ""
@@ -465,12 +493,15 @@ def suggest_key(bad_path: str) -> str | None:
     return re.sub(r"\[\]", lambda _: next(indices, "[0]"), best)
 
 
-def _describe(err: dict[str, Any]) -> str:
-    path = _dotted(err["loc"])
+def _describe(err: dict[str, Any], prefix: str = "", schema: type[BaseModel] | None = None) -> str:
+    path = ".".join(p for p in (prefix, _dotted(err["loc"])) if p)
     kind = err["type"]
+    if kind == "dict_type" and _is_engine_section(path, schema):  # a scalar where only engine sections may be
+        hint = _hint(path, schema, prefix)
+        return f"`{path}` is not a field" + (hint or " (an engine's own options go in its section, "
+                                             f"`rollout.<backend>.{path.rsplit('.', 1)[-1]}`)")
     if kind == "extra_forbidden":
-        hint = suggest_key(path)
-        return f"`{path}` is not a field" + (f"; did you mean `{hint}`?" if hint else "")
+        return f"`{path}` is not a field" + _hint(path, schema, prefix)
     if kind == "missing":
         return f"`{path}` is required"
     msg = err["msg"].removeprefix("Value error, ")

@@ -25,14 +25,8 @@ Faults (tests/reliability proves each one):
   point, and the step is not logged, so metrics.jsonl never runs ahead of what can be resumed.
 - A checkpoint carries a copy of its step's metrics line, restored on resume if the run died before logging it, so
   metrics.jsonl neither misses nor repeats a step.
-- `VLM_SAPO_FAULT` (tests only) injects faults: comma-separated `kill_at:rollout|update|checkpoint|log:<step>` (SIGKILL
-  after the step's rollouts, after its first update, mid-checkpoint (learner state written, manifest not), or after
-  the checkpoint but before the metrics line),
-  `nan_loss:<step>` (NaN advantages: the learner's non-finite guard must skip the update) and `engine_death:<step>`
-  (vLLM: the model's forward raises inside the engine from then on). Each fires once per process tree: it is removed
-  from the environment when it fires, so a restarted process does not repeat it. `<fault>:<step>@<rank>` fires on
-  that rank only; under torchrun a restarted attempt (`TORCHELASTIC_RESTART_COUNT` > 0) fires none, since the
-  launcher restarts from its own, unchanged environment.
+- `VLM_SAPO_FAULT` (tests only) injects faults (kills at named points, NaN advantages, a dead vLLM engine) through
+  the named fault points of `vlm_sapo.faults`, which do nothing unless it is set.
 - `VLM_SAPO_WEIGHT_DIGEST=1` (tests, debugging): every rank appends the sha256 of its full weights after each step to
   `<run>/weight_digests/rank_<r>.jsonl` (`vlm_sapo.weight_digest`), to check that data-parallel ranks stay equal.
 """
@@ -44,7 +38,6 @@ import logging
 import math
 import os
 import random
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -54,6 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vlm_sapo import faults
 from vlm_sapo.algos import get_advantage_estimator, zero_variance_groups
 from vlm_sapo.checkpoint import export_hf, latest_valid_checkpoint, load_checkpoint, save_checkpoint
 from vlm_sapo.data import load_samples, prompt_model_inputs
@@ -72,7 +66,7 @@ from vlm_sapo.models.tiny import resolve_tiny
 from vlm_sapo.recipe import Recipe, RecipeError, dump_recipe
 from vlm_sapo.resume_guard import FORCE, ResumeRefused, check_resume
 from vlm_sapo.reward_signal import RewardSignal, reward_signal
-from vlm_sapo.rollout import RolloutEngineError, Rollouts, SamplingConfig
+from vlm_sapo.rollout import EngineContext, RolloutEngineError, Rollouts, SamplingConfig, build_engine, check_rollout
 from vlm_sapo.scoring import RewardSpec, ScoreResult
 from vlm_sapo.scoring.pool import RewardPool
 from vlm_sapo.tasks import coord_system_for_family, default_reward_specs, get_task, metric_key
@@ -82,7 +76,6 @@ from vlm_sapo.weight_digest import DIGEST_ENV, record_weight_digest
 
 log = logging.getLogger(__name__)
 
-FAULT_ENV = "VLM_SAPO_FAULT"
 RESTARTS_ENV = "VLM_SAPO_ENGINE_RESTARTS"  # "<restarts>:<step the engine last died at>", set across re-executions
 MAX_ENGINE_RESTARTS = 3
 
@@ -117,34 +110,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _fault_due(name: str, step: int) -> bool:
-    """True once when `VLM_SAPO_FAULT` asks for fault `name` at `step` (see the module docstring); tests only."""
-    entries = [e.strip() for e in os.environ.get(FAULT_ENV, "").split(",") if e.strip()]
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
-        return False
-    for key in (f"{name}:{step}", f"{name}:{step}@{os.environ.get('RANK', '0')}"):
-        if key in entries:
-            entries.remove(key)
-            os.environ[FAULT_ENV] = ",".join(entries)
-            log.warning("%s: injecting fault %s", FAULT_ENV, key)
-            return True
-    return False
-
-
-def _sigkill_self() -> None:
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _crash_every_forward(model: torch.nn.Module) -> int:
-    """Runs inside the vLLM worker (the engine_death fault): every later forward of the model raises."""
-
-    def crash(module: torch.nn.Module, args: Any) -> None:
-        raise RuntimeError(f"{FAULT_ENV} engine_death: the model's forward crashed inside the engine")
-
-    model.register_forward_pre_hook(crash)
-    return 1
-
-
 def _restart_state() -> tuple[int, int]:
     count, _, step = os.environ.get(RESTARTS_ENV, "0:0").partition(":")
     return int(count), int(step or 0)
@@ -156,6 +121,8 @@ class Trainer:
         (refused before anything is built if the recipe changed), policy and processor, data and rewards, learner,
         rollout engine, then the resumed state and the metrics log."""
         self.recipe = r = recipe
+        check_rollout(r.rollout, source=r.name)  # the engine and its section, before anything loads
+        self.faults = faults.from_env()  # named fault points for the tests: no-ops unless VLM_SAPO_FAULT is set
         self._setup_processes()
         self.run_dir = Path(r.logging.dir.format(name=r.name))
         self.ckpt_root = self.run_dir / "checkpoints"
@@ -167,7 +134,7 @@ class Trainer:
         model = self._setup_policy()
         self._setup_data()
         self._setup_learner(model)
-        self.engine, self.engine_shares_weights = self._build_engine()
+        self.engine = self._build_engine()
         self.sampling = SamplingConfig(temperature=r.rollout.temperature, top_p=r.rollout.top_p, top_k=r.rollout.top_k,
                                        max_new_tokens=r.rollout.max_new_tokens, stop=tuple(r.rollout.stop))
         self._setup_state(ckpt)
@@ -292,30 +259,22 @@ class Trainer:
         self.skipped_rows += len(result.skipped)
         return _Source(result.samples, cfg.task)
 
-    def _build_engine(self) -> tuple[Any, bool]:
+    def _build_engine(self) -> Any:
+        """`rollout.backend` from the engine registry, built from its own section (`rollout.<backend>`)."""
         r = self.recipe
-        if r.rollout.backend == "hf":
-            from vlm_sapo.rollout.hf_engine import HFRolloutEngine
-
-            record = self.replay == "r3"
-            if r.learner.zero_stage < 3:
-                return HFRolloutEngine(self.learner.policy, self.processor, return_routed_experts=record), True
-            return HFRolloutEngine.from_pretrained(self.model_path, self.processor, dtype=r.model.dtype,
-                                                   return_routed_experts=record), False
-        from vlm_sapo.rollout.vllm_engine import VLLMRolloutEngine
-
-        max_len = r.rollout.max_model_len or r.data.max_prompt_tokens + r.rollout.max_new_tokens
         samples = [s for src in self.sources + self.val_sources for s in src.samples]
         samples += [s for b in self.eval_benchmarks for s in b.samples]
-        videos = int(any(s.video is not None for s in samples))  # else vLLM need not reserve room for a video
-        return VLLMRolloutEngine(self.model_path, self.processor, dtype=r.model.dtype, max_model_len=max_len,
-                                 max_videos_per_prompt=videos,
-                                 gpu_memory_utilization=r.rollout.gpu_memory_utilization,
-                                 kv_cache_gib=r.rollout.cpu_kvcache_gib, enforce_eager=r.rollout.enforce_eager or None,
-                                 seed=r.seed + self.rank, return_routed_experts=self.replay == "r3"), False
+        ctx = EngineContext(
+            model_path=self.model_path, processor=self.processor, dtype=r.model.dtype, seed=r.seed + self.rank,
+            policy=self.learner.policy, zero_stage=r.learner.zero_stage, colocated=True,
+            return_routed_experts=self.replay == "r3",
+            max_model_len=r.data.max_prompt_tokens + r.rollout.max_new_tokens,
+            max_videos_per_prompt=int(any(s.video is not None for s in samples)),  # else no room kept for a video
+        )
+        return build_engine(r.rollout.backend, ctx, r.rollout.engine_section())
 
     def _sync_weights(self) -> None:
-        if not self.engine_shares_weights:
+        if not self.engine.shares_weights:
             self.engine.update_weights(self.learner.named_weights_for_rollout())
 
     # ------------------------------------------------------------------------------------------------ one step
@@ -356,12 +315,12 @@ class Trainer:
                             f"{self.render_skipped} could not be rendered")
 
     def _rollout_and_score(self, pairs: list[tuple[RenderedPrompt, Sample]], n: int,
-                           sampling: SamplingConfig, *, kill_after_rollout: bool = False) -> _Scored:
+                           sampling: SamplingConfig, *, training: bool = False) -> _Scored:
         prompts = [p for p, _ in pairs]
         samples = [s for _, s in pairs]
         rollouts = self.engine.generate(prompts, n=n, sampling=sampling)
-        if kill_after_rollout:
-            _sigkill_self()
+        if training:
+            self.faults.after_rollout(self.step + 1)
         items = [(samples[c.prompt_index].id, samples[c.prompt_index].task, c.text, samples[c.prompt_index].answer,
                   samples[c.prompt_index].meta) for c in rollouts.completions]
         return _Scored(prompts, samples, rollouts, self.pool.score(items))
@@ -378,10 +337,8 @@ class Trainer:
             # a seed per (step, round, rank): a resumed run draws exactly the samples the uninterrupted run would
             seed = ((r.seed * 1_000_003 + self.step) * 64 + rounds) * 1024 + self.rank
             sampling = dataclasses.replace(self.sampling, seed=seed)
-            if _fault_due("engine_death", self.step + 1):
-                self._break_engine()
-            scored = self._rollout_and_score(self._next_prompts(want - kept_prompts), g, sampling,
-                                             kill_after_rollout=_fault_due("kill_at:rollout", self.step + 1))
+            self.faults.before_rollout(self.step + 1, self.engine)
+            scored = self._rollout_and_score(self._next_prompts(want - kept_prompts), g, sampling, training=True)
             timer["rollout_and_reward"] = timer.get("rollout_and_reward", 0.0) + time.perf_counter() - t0
             all_rounds.append(scored)
             if r.algorithm.zero_variance_groups == "keep":
@@ -459,8 +416,7 @@ class Trainer:
         g = r.rollout.n
         rsig = self._signal(scored)
         adv = self.advantage(rsig.values, g, **r.algorithm.advantage.hparams()).reshape(-1)
-        if _fault_due("nan_loss", self.step + 1):
-            adv = adv * float("nan")
+        adv = self.faults.advantages(self.step + 1, adv)
         metrics.update(_overlong_metrics(rsig, r.algorithm.overlong))
         # overlong filtering: truncated completions count in their group's statistics but not in the loss
         rows = [i for i in range(len(adv)) if not (r.algorithm.overlong and r.algorithm.overlong.filter
@@ -506,8 +462,7 @@ class Trainer:
         for batch, rollout_logp, old_logp, ref_logp, a in prepared:
             m = self.learner.update(UpdateBatch(batch, a, old_logp, rollout_logp, ref_logp), self.objective)
             updates.append(m)
-            if _fault_due("kill_at:update", self.step + 1):
-                _sigkill_self()
+            self.faults.after_update(self.step + 1)
             if self.learner.nonfinite_in_a_row >= r.learner.max_nonfinite_in_a_row:
                 ids = sorted({scored.samples[i].id for i in range(len(scored.samples))})
                 raise TrainingError(f"step {self.step + 1}: {self.learner.nonfinite_in_a_row} non-finite updates in "
@@ -598,8 +553,7 @@ class Trainer:
                     t0 = time.perf_counter()
                     self._save_checkpoint(metrics, record)
                     metrics["time/checkpoint"] = time.perf_counter() - t0
-                    if _fault_due("kill_at:log", self.step):  # checkpoint written, metrics line not yet
-                        _sigkill_self()
+                    self.faults.after_checkpoint(self.step)
                 if self.metrics is not None:
                     self.metrics.log(self.step, metrics, record)
                 bar.set_postfix(reward=f"{metrics.get('reward/overall', float('nan')):.3f}",
@@ -619,9 +573,7 @@ class Trainer:
         logging it); a failure (disk full, ...) stops the run with the previous checkpoint intact."""
         line = {"metrics": {k: v if math.isfinite(v) else str(v) for k, v in metrics.items()}, "record": record}
         try:
-            if _fault_due("kill_at:checkpoint", self.step):  # dies mid-save: learner state written, no manifest yet
-                save_state = self.learner.save_state
-                self.learner.save_state = lambda folder: (save_state(folder), _sigkill_self())
+            self.faults.mid_checkpoint(self.step, self.learner)
             save_checkpoint(self.learner, self.ckpt_root, self.step,
                             {"step": self.step, "sampler": self.sampler.state_dict(),
                              "dropped_prompts": self.dropped_prompts, "render_skipped": self.render_skipped,
@@ -667,14 +619,6 @@ class Trainer:
         sys.stdout.flush()
         sys.stderr.flush()
         os.execv(sys.executable, argv)
-
-    def _break_engine(self) -> None:
-        """Fault injection (tests): crash the vLLM engine from inside, as a failing kernel would: every later forward
-        of its model raises in vLLM's own model runner."""
-        llm = getattr(self.engine, "llm", None)
-        if llm is None:
-            raise TrainingError("the engine_death fault needs rollout.backend=vllm")
-        llm.apply_model(_crash_every_forward)
 
     def close(self) -> None:
         """Release everything, each part even when another fails (a dead engine must not keep the pool alive)."""

@@ -16,6 +16,7 @@ from pydantic import Field
 
 from tests.recipe.recipe_reads import ReadScanner, dotted, leaf_fields, sections, unread_fields
 from vlm_sapo.recipe import LossCfg, Recipe, RolloutCfg
+from vlm_sapo.rollout import engine_class, list_engines
 
 PACKAGE = Path(__file__).resolve().parents[2] / "vlm_sapo"
 RECIPE_MODULE = PACKAGE / "recipe.py"
@@ -28,6 +29,19 @@ def test_every_recipe_field_is_read_by_the_package():
     unread = [k for k in unread_fields(Recipe, PACKAGE, RECIPE_MODULE) if k not in ALLOWED_UNREAD]
     assert not unread, f"recipe keys that nothing in vlm_sapo/ reads (a key must do what it says): {unread}"
     assert not set(ALLOWED_UNREAD) - every, "ALLOWED_UNREAD names keys that no longer exist"
+
+
+def test_every_engine_section_key_is_read_by_the_package():
+    """An engine's own section (`rollout.<backend>`, its `Options`) is held to the same rule."""
+    for name in list_engines():
+        options = engine_class(name).Options  # None: the engine takes no options
+        assert options is None or unread_fields(options, PACKAGE, RECIPE_MODULE) == [], name
+    vllm = engine_class("vllm").Options
+
+    class _VLLMPlus(vllm):
+        nobody_reads_this: int = 0
+
+    assert unread_fields(_VLLMPlus, PACKAGE, RECIPE_MODULE) == ["nobody_reads_this"]
 
 
 class _RolloutPlus(RolloutCfg):

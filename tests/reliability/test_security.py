@@ -41,6 +41,9 @@ ALLOWED = {
         "imports the reward file named by path in the recipe (rewards.functions); nothing else is ever imported",
     ("vlm_sapo/scoring/rewards.py", "importlib.import_module"):
         "imports a built-in reward module from the fixed BUILTIN_REWARDS table (rewards.math, ...), never user text",
+    ("vlm_sapo/rollout/registry.py", "importlib.import_module"):
+        "imports a rollout engine's module from a \"module:Class\" entry registered in code (the built-in table or "
+        "register_engine); a recipe's `rollout.backend` only selects a registered entry, never names a module",
 }
 ALSO_CHECKED = {"importlib.util.spec_from_file_location", "importlib.import_module"}
 

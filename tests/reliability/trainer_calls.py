@@ -40,7 +40,7 @@ def main(out: str, recipe_path: str, *overrides: str) -> None:
     engine = trainer.engine
     info = {"engine": type(engine).__name__, "owns_model": getattr(engine, "owns_model", None),
             "sleep_mode": getattr(engine, "sleep_mode", None),
-            "shares_weights": trainer.engine_shares_weights, "reference_bytes":
+            "shares_weights": trainer.engine.shares_weights, "reference_bytes":
                 trainer.learner.reference.nbytes if trainer.learner.reference is not None else 0}
     run_dir = trainer.fit()
     with open(out, "w") as f:

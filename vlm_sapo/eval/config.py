@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from vlm_sapo.rollout import SamplingConfig
 
@@ -68,8 +70,7 @@ class EvalRun:
     batch_prompts: int = 16
     reward_workers: int = 2
     reward_timeout_s: float = 10.0
-    kv_cache_gib: float = 1.0
-    gpu_memory_utilization: float = 0.85
+    engine_options: Mapping[str, Any] | None = None  # the backend's own options, as a recipe's `rollout.<backend>:`
     progress: bool = True
 
     def sampling(self) -> SamplingConfig:

@@ -23,6 +23,8 @@ from vlm_sapo.eval.config import EvalConfig, EvalRun
 from vlm_sapo.eval.generate import generate_and_score
 from vlm_sapo.eval.results import BenchmarkResult, EvalResults, Prediction
 from vlm_sapo.eval.stats import summarize
+from vlm_sapo.rollout import EngineContext, build_engine
+from vlm_sapo.rollout import engine_options as check_engine_options
 from vlm_sapo.scoring import ScoreResult
 from vlm_sapo.scoring.pool import RewardPool
 from vlm_sapo.tasks import coord_system_for_family, default_reward_specs, get_task, metric_key
@@ -326,13 +328,13 @@ def _grounding_meta(sample: Sample, meta: dict[str, Any], coord_system: str | No
 
 # ------------------------------------------------------------------------------------------------- vlm-sapo eval
 def run_eval(run: EvalRun) -> EvalResults:
-    """`vlm-sapo eval`: load the model folder's processor and an engine (`vllm` or `hf`), then `evaluate`."""
+    """`vlm-sapo eval`: load the model folder's processor and a registered rollout engine (`run.backend`, with its
+    own options as in a recipe's `rollout.<backend>:` section), then `evaluate`."""
     from transformers import AutoConfig
 
     from vlm_sapo.models.loading import load_processor, model_family
 
-    if run.backend not in ("vllm", "hf"):
-        raise ValueError(f"backend must be 'vllm' or 'hf', got {run.backend!r}")
+    check_engine_options(run.backend, run.engine_options)  # an unknown backend or option fails before any model loads
     refs = [parse_benchmark(b) for b in run.benchmarks]  # fail on a bad name before loading a model
     loaded = [load_benchmark(r, data_root=run.data_root, limit=run.limit) for r in refs]
     # with a video budget given, its floor is the recipe default (the checkpoint's may exceed the budget)
@@ -350,16 +352,8 @@ def run_eval(run: EvalRun) -> EvalResults:
 
 
 def _build_engine(run: EvalRun, processor: Any, loaded: Sequence[LoadedBenchmark]) -> Any:
-    """The rollout engine `run.backend` names, for the model folder `run.model`."""
-    if run.backend == "hf":
-        from vlm_sapo.rollout.hf_engine import HFRolloutEngine
-
-        return HFRolloutEngine.from_pretrained(run.model, processor, dtype=run.dtype,
-                                               max_batch_prompts=run.batch_prompts)
-    from vlm_sapo.rollout.vllm_engine import VLLMRolloutEngine
-
-    videos = int(any(s.video is not None for b in loaded for s in b.samples))
-    return VLLMRolloutEngine(run.model, processor, dtype=run.dtype,
-                             max_model_len=run.max_prompt_tokens + run.max_new_tokens, max_videos_per_prompt=videos,
-                             kv_cache_gib=run.kv_cache_gib, gpu_memory_utilization=run.gpu_memory_utilization,
-                             seed=run.seed)
+    """The registered rollout engine `run.backend` names, for the model folder `run.model`."""
+    ctx = EngineContext(model_path=str(run.model), processor=processor, dtype=run.dtype, seed=run.seed,
+                        max_model_len=run.max_prompt_tokens + run.max_new_tokens, max_batch_prompts=run.batch_prompts,
+                        max_videos_per_prompt=int(any(s.video is not None for b in loaded for s in b.samples)))
+    return build_engine(run.backend, ctx, run.engine_options)

@@ -189,6 +189,18 @@ class HFRolloutEngine:
     """
 
     name = "hf"
+    Options = None  # `rollout.hf:` has no keys (and this module imports no pydantic: scripts/gpu_check.py)
+
+    @classmethod
+    def build(cls, options: Any, ctx: Any) -> HFRolloutEngine:
+        """From `rollout.hf` and the run's `vlm_sapo.rollout.EngineContext` (the engine registry calls this): on the
+        learner's own module when there is one and ZeRO < 3 leaves it whole, else on a copy of the checkpoint."""
+        if ctx.policy is not None and ctx.zero_stage < 3:
+            return cls(ctx.policy, ctx.processor, max_batch_prompts=ctx.max_batch_prompts,
+                       return_routed_experts=ctx.return_routed_experts)
+        return cls.from_pretrained(ctx.model_path, ctx.processor, dtype=ctx.dtype,
+                                   max_batch_prompts=ctx.max_batch_prompts,
+                                   return_routed_experts=ctx.return_routed_experts)
 
     def __init__(
         self,
@@ -361,6 +373,15 @@ class HFRolloutEngine:
         return completions, sum(int(x["input_ids"].shape[-1]) for x in per_prompt)
 
     # -- weights and lifecycle ------------------------------------------------------------------------------------
+
+    @property
+    def shares_weights(self) -> bool:
+        """True on a module the engine does not own (the learner's): its weights are the trained ones, no sync."""
+        return not self.owns_model
+
+    def inject_death(self, message: str) -> None:
+        raise NotImplementedError(f"{message}: the engine_death fault needs rollout.backend=vllm (the hf engine runs "
+                                  "in the trainer's own forward; there is no engine to crash from inside)")
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy every parameter into the model (skipped for tensors that already are the model's own storage)."""

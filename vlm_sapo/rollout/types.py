@@ -165,9 +165,16 @@ class Rollouts:
 
 
 class RolloutEngine(Protocol):
-    """Sampling backends the trainer and the evaluator drive: `hf` (transformers generate) and `vllm`."""
+    """Sampling backends the trainer and the evaluator drive: `hf` (transformers generate), `vllm`, or any engine
+    registered with `vlm_sapo.rollout.register_engine` (which also wants `Options` and `build`, see there).
+
+    `shares_weights`: the engine samples with the learner's own tensors, so the trainer pushes no weights into it.
+    `inject_death(message)` (tests' `engine_death` fault) makes every later call fail as a crashed engine would; an
+    engine that cannot raises `NotImplementedError`.
+    """
 
     name: str
+    shares_weights: bool
 
     def generate(self, prompts: Sequence[RenderedPrompt], n: int, sampling: SamplingConfig) -> Rollouts: ...
 
@@ -178,3 +185,5 @@ class RolloutEngine(Protocol):
     def wake(self) -> None: ...
 
     def close(self) -> None: ...
+
+    def inject_death(self, message: str) -> None: ...

@@ -40,10 +40,12 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
+from pydantic import Field, PositiveFloat, PositiveInt
 
 from vlm_sapo.data.prompts import RenderedPrompt
 from vlm_sapo.models.moe import checkpoint_layout, is_moe, moe_layer_ids
 from vlm_sapo.models.routing import compact
+from vlm_sapo.recipe import Strict
 from vlm_sapo.rollout.tokens import banned_token_ids, stop_token_ids
 from vlm_sapo.rollout.types import Completion, RolloutEngineError, Rollouts, RolloutTiming, SamplingConfig
 from vlm_sapo.rollout.weight_names import ParameterNames, checked_weights, parameter_names, require_complete
@@ -102,6 +104,26 @@ def _repack_cpu_moe(model: torch.nn.Module) -> int:
     return count
 
 
+def _crash_every_forward(model: torch.nn.Module, message: str) -> int:
+    """Runs inside the vLLM worker (`inject_death`): every later forward of the model raises `message`."""
+
+    def crash(module: torch.nn.Module, args: Any) -> None:
+        raise RuntimeError(f"{message}: the model's forward crashed inside the engine")
+
+    model.register_forward_pre_hook(crash)
+    return 1
+
+
+class VLLMOptions(Strict):
+    """`rollout.vllm:`, the vLLM engine's own recipe keys."""
+
+    # CUDA: the share of GPU memory vLLM may take; None: 0.5 beside a learner (training), 0.85 alone (evaluation)
+    gpu_memory_utilization: float | None = Field(None, gt=0.0, le=1.0)
+    cpu_kvcache_gib: PositiveFloat = 1.0  # CPU: the KV cache size
+    max_model_len: PositiveInt | None = None  # None: the longest prompt + completion the run asks for
+    enforce_eager: bool = False  # CUDA: no CUDA graphs (CPU is always eager)
+
+
 def _image_size_kwargs(processor: Any) -> dict[str, Any]:
     """The processor's pixel budget, for vLLM's own HF processor (images are pre-resized, so this is a guard)."""
     size = dict(processor.image_processor.size)
@@ -141,6 +163,18 @@ class VLLMRolloutEngine:
     """
 
     name = "vllm"
+    Options = VLLMOptions
+    shares_weights = False  # the engine holds its own weights: the learner's are pushed in after every step
+
+    @classmethod
+    def build(cls, options: VLLMOptions, ctx: Any) -> VLLMRolloutEngine:
+        """From `rollout.vllm` and the run's `vlm_sapo.rollout.EngineContext` (the engine registry calls this)."""
+        memory = options.gpu_memory_utilization or (0.5 if ctx.colocated else 0.85)
+        return cls(ctx.model_path, ctx.processor, dtype=ctx.dtype, max_model_len=options.max_model_len or
+                   ctx.max_model_len, max_images_per_prompt=ctx.max_images_per_prompt,
+                   max_videos_per_prompt=ctx.max_videos_per_prompt, gpu_memory_utilization=memory,
+                   kv_cache_gib=options.cpu_kvcache_gib, enforce_eager=options.enforce_eager or None, seed=ctx.seed,
+                   return_routed_experts=ctx.return_routed_experts)
 
     def __init__(
         self,
@@ -421,6 +455,12 @@ class VLLMRolloutEngine:
         self.weight_version += 1
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
+
+    def inject_death(self, message: str) -> None:
+        """Fault injection (tests): crash the engine from inside, as a failing kernel would: every later forward of
+        its model raises `message` in vLLM's own model runner."""
+        self._check_usable()
+        self.llm.apply_model(functools.partial(_crash_every_forward, message=message))
 
     def sleep(self, level: int = 1) -> None:
         """Free the KV cache and offload (level 1) or drop (level 2) the weights; a no-op without sleep mode (CPU)."""

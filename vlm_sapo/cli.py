@@ -162,6 +162,8 @@ def _make_data(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand and flag of `vlm-sapo`, declared in one place; a flat list of declarations, so longer than
+    80 lines on purpose (each subcommand's handler is its own function above)."""
     from vlm_sapo.models.tiny import FAMILIES as TINY_FAMILIES  # light: the builder imports transformers lazily
 
     parser = argparse.ArgumentParser(

@@ -4,6 +4,9 @@ A recipe is the whole run in one file. Every section forbids unknown keys, so a 
 and the closest valid key instead of silently training with a default. YAML is read with ``yaml.safe_load`` only
 (``!!python/object`` tags are refused). A recipe may extend another (``base: other.yaml``; mappings merge, lists and
 scalars replace), and ``a.b.c=value`` overrides from the command line are typed by the schema.
+
+One module (just over 500 lines) on purpose: the schema reads top to bottom as a recipe file does. Rollout engines'
+own sections (``rollout.<backend>:``) are declared by the engines and checked by ``vlm_sapo.rollout.check_rollout``.
 """
 
 from __future__ import annotations

@@ -29,6 +29,10 @@ Faults (tests/reliability proves each one):
   the named fault points of `vlm_sapo.faults`, which do nothing unless it is set.
 - `VLM_SAPO_WEIGHT_DIGEST=1` (tests, debugging): every rank appends the sha256 of its full weights after each step to
   `<run>/weight_digests/rank_<r>.jsonl` (`vlm_sapo.weight_digest`), to check that data-parallel ranks stay equal.
+
+Size: one class whose methods are the phases of the step (`_collect`, `_batch_metrics`, `_advantages`, `_old_logprobs`,
+`_update`, `validate`, checkpointing and engine-death handling) plus the batch surgery of resampling; over 500 lines
+on purpose, since splitting it would scatter one loop's state across modules.
 """
 
 from __future__ import annotations
@@ -388,11 +392,52 @@ class Trainer:
         return batch, rollout_logp
 
     def train_step(self) -> tuple[dict[str, float], list[str]]:
-        """One RL step; returns its metrics and the ids of the samples it rolled out (in order)."""
+        """One RL step; returns its metrics and the ids of the samples it rolled out (in order).
+
+        Roll out and score (resampling flat groups if asked), advantages per group, mini-batches; the engine sleeps
+        while the learner takes pi_old's logprobs and one update per mini-batch; it wakes and gets the new weights.
+        """
         r, timer = self.recipe, {}
         t_step = time.perf_counter()
         scored, all_rounds = self._collect(timer)
         batch_ids = [s.id for part in all_rounds for s in part.samples]
+        metrics = self._batch_metrics(scored, all_rounds)
+        adv, rows = self._advantages(scored, metrics) if scored.prompts else (None, [])
+        if not rows:
+            metrics["batch/skipped_no_signal"] = 1.0
+            metrics["time/step"] = time.perf_counter() - t_step
+            return metrics | _phase_times(timer), batch_ids
+        perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(r.seed * 100003 + self.step))
+        order = [rows[j] for j in perm.tolist()]
+        k = min(r.algorithm.mini_batches, len(order))
+        minis = [order[i::k] for i in range(k)]
+
+        if r.rollout.sleep_between_steps:  # the engine's memory goes to the learner until the weight sync
+            t0 = time.perf_counter()
+            self.engine.sleep()
+            timer["engine_sleep"] = time.perf_counter() - t0
+        prepared = self._old_logprobs(scored, minis, adv, timer)
+        if self.replay != "none":
+            metrics.update(_replay_metrics(self.learner.hf_model, scored, [b for b, *_ in prepared]))
+        t0 = time.perf_counter()
+        updates = [self._update(scored, *p) for p in prepared]
+        timer["update"] = time.perf_counter() - t0
+        if r.rollout.sleep_between_steps:
+            t0 = time.perf_counter()
+            self.engine.wake()
+            timer["engine_wake"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self._sync_weights()  # after the wake: a sleeping engine has no weights to load into
+        timer["weight_sync"] = time.perf_counter() - t0
+
+        metrics.update(self._update_metrics(updates))
+        metrics.update(scored.rollouts.timing.as_metrics())
+        metrics["batch/advantage_abs_mean"] = float(adv.abs().mean())
+        metrics["time/step"] = time.perf_counter() - t_step
+        return metrics | _phase_times(timer), batch_ids
+
+    def _batch_metrics(self, scored: _Scored, all_rounds: list[_Scored]) -> dict[str, float]:
+        """Rewards and answer spreads of the first round (with the collapse warning), the resampling, the data."""
         metrics = _reward_metrics(all_rounds[0], self.pool)
         for task, spread in _answer_spreads(all_rounds[0]).items():
             metrics.update(spread.metrics(f"answers/{task}"))
@@ -409,37 +454,29 @@ class Trainer:
         metrics["data/skipped_rows"] = float(self.skipped_rows + self.render_skipped)
         if not scored.prompts:
             log.warning("step %d: every group had equal rewards; no update", self.step + 1)
-            metrics["batch/skipped_no_signal"] = 1.0
-            metrics["time/step"] = time.perf_counter() - t_step
-            return metrics | _phase_times(timer), batch_ids
+        return metrics
 
-        g = r.rollout.n
+    def _advantages(self, scored: _Scored, metrics: dict[str, float]) -> tuple[torch.Tensor, list[int]]:
+        """Per-completion advantages, and the rows that enter the loss (overlong filtering drops truncated ones:
+        they count in their group's statistics, not in the loss)."""
+        r = self.recipe
         rsig = self._signal(scored)
-        adv = self.advantage(rsig.values, g, **r.algorithm.advantage.hparams()).reshape(-1)
+        adv = self.advantage(rsig.values, r.rollout.n, **r.algorithm.advantage.hparams()).reshape(-1)
         adv = self.faults.advantages(self.step + 1, adv)
         metrics.update(_overlong_metrics(rsig, r.algorithm.overlong))
-        # overlong filtering: truncated completions count in their group's statistics but not in the loss
         rows = [i for i in range(len(adv)) if not (r.algorithm.overlong and r.algorithm.overlong.filter
                                                     and rsig.truncated[i])]
         if not rows:
             log.warning("step %d: every completion was truncated (algorithm.overlong.filter); no update", self.step + 1)
-            metrics["batch/skipped_no_signal"] = 1.0
-            metrics["time/step"] = time.perf_counter() - t_step
-            return metrics | _phase_times(timer), batch_ids
-        perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(r.seed * 100003 + self.step))
-        order = [rows[j] for j in perm.tolist()]
-        k = min(r.algorithm.mini_batches, len(order))
-        minis = [order[i::k] for i in range(k)]
+        return adv, rows
 
-        if r.rollout.sleep_between_steps:  # the engine's memory goes to the learner until the weight sync
-            t0 = time.perf_counter()
-            self.engine.sleep()
-            timer["engine_sleep"] = time.perf_counter() - t0
+    def _old_logprobs(self, scored: _Scored, minis: list[list[int]], adv: torch.Tensor,
+                      timer: dict[str, float]) -> list[tuple]:
+        """Every mini-batch's pi_old (and reference) logprobs before the first update: pi_old is this step's policy."""
         t0 = time.perf_counter()
         prepared = []
-        on_policy = k == 1 and r.algorithm.tis_cap is None  # pi_old is the policy the one update starts from
-        kl_coef = r.algorithm.kl_coef
-        for rows in minis:  # every mini-batch's old logprobs before the first update: pi_old is this step's policy
+        on_policy = len(minis) == 1 and self.recipe.algorithm.tis_cap is None  # pi_old: the one update's start
+        for rows in minis:
             batch, rollout_logp = self._policy_batch(scored, sorted(rows))
             if on_policy:  # (R2 is then a no-op: the update's own forward is the old-policy pass)
                 old_logp = None
@@ -448,35 +485,28 @@ class Trainer:
             else:
                 old_logp = self.learner.compute_logprobs(batch)
             ref_logp = None
-            if kl_coef > 0:  # the initial weights' logprobs, for the KL term
+            if self.recipe.algorithm.kl_coef > 0:  # the initial weights' logprobs, for the KL term
                 t_ref = time.perf_counter()
                 ref_logp = self.learner.compute_ref_logprobs(batch)
                 timer["ref_logprobs"] = timer.get("ref_logprobs", 0.0) + time.perf_counter() - t_ref
             prepared.append((batch, rollout_logp, old_logp, ref_logp, adv[sorted(rows)]))
         timer["old_logprobs"] = time.perf_counter() - t0 - timer.get("ref_logprobs", 0.0)
-        if self.replay != "none":
-            metrics.update(_replay_metrics(self.learner.hf_model, scored, [b for b, *_ in prepared]))
+        return prepared
 
-        t0 = time.perf_counter()
-        updates = []
-        for batch, rollout_logp, old_logp, ref_logp, a in prepared:
-            m = self.learner.update(UpdateBatch(batch, a, old_logp, rollout_logp, ref_logp), self.objective)
-            updates.append(m)
-            self.faults.after_update(self.step + 1)
-            if self.learner.nonfinite_in_a_row >= r.learner.max_nonfinite_in_a_row:
-                ids = sorted({scored.samples[i].id for i in range(len(scored.samples))})
-                raise TrainingError(f"step {self.step + 1}: {self.learner.nonfinite_in_a_row} non-finite updates in "
-                                    f"a row (learner.max_nonfinite_in_a_row); batch sample ids: {ids}")
-        timer["update"] = time.perf_counter() - t0
+    def _update(self, scored: _Scored, batch: dict, rollout_logp: torch.Tensor, old_logp: torch.Tensor | None,
+                ref_logp: torch.Tensor | None, adv: torch.Tensor) -> dict[str, float]:
+        """One learner update; too many non-finite updates in a row stop the run, naming the batch's samples."""
+        m = self.learner.update(UpdateBatch(batch, adv, old_logp, rollout_logp, ref_logp), self.objective)
+        self.faults.after_update(self.step + 1)
+        if self.learner.nonfinite_in_a_row >= self.recipe.learner.max_nonfinite_in_a_row:
+            ids = sorted({scored.samples[i].id for i in range(len(scored.samples))})
+            raise TrainingError(f"step {self.step + 1}: {self.learner.nonfinite_in_a_row} non-finite updates in "
+                                f"a row (learner.max_nonfinite_in_a_row); batch sample ids: {ids}")
+        return m
 
-        if r.rollout.sleep_between_steps:
-            t0 = time.perf_counter()
-            self.engine.wake()
-            timer["engine_wake"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        self._sync_weights()  # after the wake: a sleeping engine has no weights to load into
-        timer["weight_sync"] = time.perf_counter() - t0
-
+    def _update_metrics(self, updates: list[dict[str, float]]) -> dict[str, float]:
+        """The updates' metrics as `train/*` (means; maxima for `*_max`) and the routing replay's override share."""
+        metrics = {}
         for key in updates[0]:
             vals = [u[key] for u in updates if key in u and math.isfinite(u[key])]
             if vals:
@@ -485,10 +515,7 @@ class Trainer:
         if self.replay != "none":
             replayed, changed = take_replay_counts(self.learner.hf_model)
             metrics["routing/replay_overrode_frac"] = changed / replayed if replayed else 0.0
-        metrics.update(scored.rollouts.timing.as_metrics())
-        metrics["batch/advantage_abs_mean"] = float(adv.abs().mean())
-        metrics["time/step"] = time.perf_counter() - t_step
-        return metrics | _phase_times(timer), batch_ids
+        return metrics
 
     # ------------------------------------------------------------------------------------------------ validation
     def validate(self) -> dict[str, float]:

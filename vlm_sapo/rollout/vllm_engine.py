@@ -195,6 +195,9 @@ class VLLMRolloutEngine:
         engine_kwargs: dict[str, Any] | None = None,
         return_routed_experts: bool = False,
     ):
+        """Longer than 80 lines on purpose: vLLM's engine arguments (CPU KV cache or CUDA memory share, eager mode,
+        sleep mode, routed experts, banned ids) depend on each other and on the platform, and read best in the one
+        order vLLM needs them."""
         if os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
             raise ValueError("VLLMRolloutEngine runs the engine in-process (weights are streamed to it as tensors); "
                              "unset VLLM_ENABLE_V1_MULTIPROCESSING or set it to 0")

@@ -159,14 +159,15 @@ class Trainer:
 
     def _setup_policy(self) -> torch.nn.Module:
         """The processor and the policy model (`model` section, video sampling from `data`); returns the model."""
-        m, d = self.recipe.model, self.recipe.data
+        r = self.recipe
+        m, d = r.model, r.data
         self.model_path = resolve_tiny(m.path)
         self.processor = load_processor(self.model_path, min_pixels=m.min_pixels, max_pixels=m.max_pixels,
-                                        trust_remote_code=m.trust_remote_code, video_min_pixels=m.video_min_pixels,
+                                        trust_remote_code=r.model.trust_remote_code, video_min_pixels=m.video_min_pixels,
                                         video_max_pixels=m.video_max_pixels, video_max_frames=d.video_max_frames,
                                         video_fps=d.video_fps)
         model = load_policy(self.model_path, dtype=m.dtype, attn_implementation=m.attn_implementation,
-                            trust_remote_code=m.trust_remote_code)
+                            trust_remote_code=r.model.trust_remote_code)
         self.family = model_family(model.config)
         self.replay = self.recipe.algorithm.routing_replay
         if self.replay != "none" and not is_moe(model.config):
